@@ -1,0 +1,32 @@
+"""axolotl-treft: Token-Regularized Finetuning for Axolotl, and an lm-eval task pack for the leak it stops.
+
+Enable in an Axolotl config::
+
+    plugins:
+      - axolotl_treft.TReFTPlugin
+    treft:
+      kv: {weight: 5.0, tokens: prefix}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+__all__ = ["TReFTPlugin", "tasks_path", "__version__"]
+
+
+def tasks_path() -> str:
+    """Directory of the lm-eval task pack, for ``lm_eval --include_path``."""
+    from importlib import resources
+
+    return str(Path(str(resources.files("axolotl_treft.evals"))))
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import axolotl_treft` (CLI, lm-eval utils) does not import axolotl and torch.
+    if name == "TReFTPlugin":
+        from .plugin import TReFTPlugin
+
+        return TReFTPlugin
+    raise AttributeError(name)

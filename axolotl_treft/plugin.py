@@ -1,0 +1,70 @@
+"""``TReFTPlugin``: wires the ``treft:`` block into Axolotl's hooks. The work lives elsewhere."""
+
+from __future__ import annotations
+
+import logging
+
+from axolotl.integrations.base import BasePlugin
+
+LOG = logging.getLogger(__name__)
+
+CHAT_TEMPLATE_TYPE = "chat_template"
+SEGMENTED_TYPE = "axolotl_treft.chat_template"
+
+
+def _uses_trainer(treft) -> bool:
+    return bool(treft and (treft.get("kv") or treft.get("kl") or treft.get("feature_l2")))
+
+
+class TReFTPlugin(BasePlugin):
+    """Token-Regularized Finetuning and the comparison regularizers for Axolotl."""
+
+    def get_input_args(self) -> str:
+        return "axolotl_treft.args.TReFTArgs"
+
+    def register(self, cfg: dict) -> None:
+        """Switch ``type: chat_template`` datasets to the same type plus template segments."""
+        treft = cfg.get("treft")
+        if not treft:
+            return
+        lists = [cfg.get("datasets"), cfg.get("test_datasets")]
+        retain = treft.get("retain") if isinstance(treft, dict) else None
+        if isinstance(retain, dict):
+            lists.append(retain.get("datasets"))
+        for datasets in lists:
+            for ds in datasets or []:
+                if isinstance(ds, dict) and ds.get("type") == CHAT_TEMPLATE_TYPE:
+                    ds["type"] = SEGMENTED_TYPE
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        """Check the chat template at start-up; build the interleaved mix when ``treft.retain`` asks."""
+        if not cfg.treft:
+            return None
+        from .datasets import check_template, load_datasets_with_retain
+
+        check_template(cfg)
+        retain = cfg.treft.retain
+        if retain and retain.mix_ratio:
+            return load_datasets_with_retain(cfg, preprocess=preprocess)
+        return None
+
+    def get_trainer_cls(self, cfg):
+        if _uses_trainer(cfg.treft):
+            from .trainer import TReFTTrainer
+
+            return TReFTTrainer
+        return None
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        from .trainer import TReFTTrainer
+
+        if isinstance(trainer, TReFTTrainer):
+            trainer.axolotl_cfg = cfg
+            trainer.post_set_axolotl_cfg()
+            LOG.info("treft: regularizers active: %s", [r.key for r in trainer.treft_regularizers])
+
+    def post_train(self, cfg, model) -> None:
+        if cfg.treft and cfg.treft.safelora:
+            from .safelora import apply_after_training
+
+            apply_after_training(cfg)

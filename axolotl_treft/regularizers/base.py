@@ -1,0 +1,135 @@
+"""The small interface every regularizer implements, and the per-step batch view they share."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..collator import PAD_SEGMENT
+
+if TYPE_CHECKING:
+    from ..reference import Reference
+
+
+@dataclass
+class ReferenceRequest:
+    """Which rows of the training batch the reference pass must run on, up to which length."""
+
+    rows: torch.Tensor  # [B] bool
+    length: int
+    logits: bool = False
+
+    def merge(self, other: ReferenceRequest) -> ReferenceRequest:
+        return ReferenceRequest(self.rows | other.rows, max(self.length, other.length), self.logits or other.logits)
+
+
+@dataclass
+class SubBatch:
+    """The rows/length actually run by the reference pass, and how to index into it."""
+
+    rows: torch.Tensor  # [R] long, row indices into the training batch (sorted)
+    length: int
+
+    def flat_index(self, batch_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Map (row, position) pairs of the training batch to flat indices of the sub-batch."""
+        lookup = torch.full((int(self.rows.max()) + 1 if len(self.rows) else 1,), -1, dtype=torch.long,
+                            device=self.rows.device)
+        lookup[self.rows] = torch.arange(len(self.rows), device=self.rows.device)
+        sub_rows = lookup[batch_rows]
+        return sub_rows * self.length + positions
+
+
+@dataclass
+class StepBatch:
+    """A training micro-batch as regularizers see it."""
+
+    input_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    segments: torch.Tensor | None  # [B, T] int8, -1 = padding
+    valid: torch.Tensor  # [B, T] bool, real (non-padding) tokens
+    sample_index: torch.Tensor  # [B, T] long, a distinct id per packed sample, -1 on padding
+    n_samples: int
+
+    @classmethod
+    def from_inputs(cls, inputs: dict, segments: torch.Tensor | None) -> StepBatch:
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        position_ids = inputs.get("position_ids")
+        if segments is not None:
+            segments = segments.to(input_ids.device)
+            valid = segments != PAD_SEGMENT
+        elif attention_mask is not None:
+            valid = attention_mask != 0
+        else:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        bsz, width = input_ids.shape
+        if position_ids is not None and position_ids.shape == input_ids.shape:
+            starts = position_ids == 0
+            starts[:, 0] = True
+        else:
+            starts = torch.zeros_like(input_ids, dtype=torch.bool)
+            starts[:, 0] = True
+        local = torch.cumsum(starts.long(), dim=1) - 1  # sample number within the row
+        per_row = local.max(dim=1).values + 1
+        offsets = torch.cumsum(per_row, 0) - per_row
+        sample_index = torch.where(valid, local + offsets[:, None], torch.full_like(local, -1))
+        return cls(
+            input_ids=input_ids,
+            labels=inputs.get("labels"),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            segments=segments,
+            valid=valid,
+            sample_index=sample_index,
+            n_samples=int(per_row.sum()),
+        )
+
+    def sub_inputs(self, sub: SubBatch) -> dict[str, torch.Tensor]:
+        """Model inputs restricted to the reference sub-batch (causal: truncation is exact)."""
+        out = {"input_ids": self.input_ids[sub.rows, : sub.length]}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask[sub.rows, : sub.length]
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids[sub.rows, : sub.length]
+        return out
+
+
+class Regularizer:
+    """One loss term: ``weight · value`` is added to the SFT loss; ``value`` is logged as ``treft/<key>``.
+
+    Lifecycle per training step: ``policy_capture`` wraps the SFT forward; if ``reference_request``
+    returns a request, the trainer runs one shared no-grad reference pass wrapped in
+    ``reference_capture``; then ``compute`` returns the unweighted term.
+    """
+
+    key: str = ""
+
+    def __init__(self, weight: float):
+        self.weight = float(weight)
+
+    def setup(self, model: torch.nn.Module, reference: Reference) -> None:
+        """Called once, at the first step (after DeepSpeed/accelerate wrapped the model)."""
+
+    def policy_capture(self, batch: StepBatch) -> AbstractContextManager:
+        return nullcontext()
+
+    def reference_request(self, batch: StepBatch) -> ReferenceRequest | None:
+        return None
+
+    def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
+        return nullcontext()
+
+    def compute(self, batch: StepBatch, outputs, ref_logits: torch.Tensor | None, model) -> torch.Tensor:
+        raise NotImplementedError
+
+    def summary(self) -> str | None:
+        """A line for the end-of-training log, if any."""
+        return None
+
+    def close(self) -> None:
+        """Remove hooks."""

@@ -1,0 +1,138 @@
+"""``TReFTTrainer``: Axolotl's trainer plus the configured regularizers.
+
+Per training micro-step: the SFT forward runs with the regularizers' capture hooks armed; if any
+regularizer needs the reference on this batch, one shared no-grad reference pass runs over the union
+of the rows they need (on every rank, every step); then each term is computed, logged unweighted as
+``treft/<key>`` next to ``treft/sft``, and ``weight · term`` is added to the loss (a term with weight 0 is
+logged but not added, so the run is exactly plain SFT).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+
+import torch
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from .collator import SegmentsCollator
+from .reference import Reference
+from .regularizers import build_regularizers
+from .regularizers.base import Regularizer, StepBatch, SubBatch
+from .spans import SEGMENTS_KEY
+
+LOG = logging.getLogger(__name__)
+
+
+class TReFTTrainer(AxolotlTrainer):
+    """AxolotlTrainer whose loss adds the ``treft:`` regularizers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        side = getattr(self.processing_class, "padding_side", "right") or "right"
+        for attr in ("data_collator", "train_data_collator", "eval_data_collator"):
+            inner = getattr(self, attr, None)
+            if inner is not None and not isinstance(inner, SegmentsCollator):
+                setattr(self, attr, SegmentsCollator(inner, padding_side=side))
+        self.treft_regularizers: list[Regularizer] = []
+        self._treft_reference: Reference | None = None
+        self._treft_ready = False
+        self._treft_resumed = False
+
+    # -- configuration -----------------------------------------------------------------------------
+    def post_set_axolotl_cfg(self) -> None:
+        """Build the regularizers from ``self.axolotl_cfg.treft`` (called by the plugin)."""
+        treft = self.axolotl_cfg.treft
+        self.treft_regularizers = build_regularizers(treft, self)
+        self._treft_reference = Reference(self)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and SEGMENTS_KEY not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, SEGMENTS_KEY]
+
+    def train(self, *args, resume_from_checkpoint=None, **kwargs):
+        self._treft_resumed = bool(resume_from_checkpoint)
+        try:
+            return super().train(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            for reg in self.treft_regularizers:
+                line = reg.summary()
+                if line:
+                    LOG.warning(line)
+
+    def _treft_setup(self, model) -> None:
+        for reg in self.treft_regularizers:
+            reg.setup(model, self._treft_reference)
+        self._treft_ready = True
+
+    # -- loss --------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        segments = inputs.pop(SEGMENTS_KEY, None)
+        if not self.treft_regularizers or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self._treft_ready:
+            self._treft_setup(model)
+
+        batch = StepBatch.from_inputs(inputs, segments)
+        regs = self.treft_regularizers
+        with ExitStack() as stack:
+            for reg in regs:
+                stack.enter_context(reg.policy_capture(batch))
+            sft_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+
+        ref_logits = self._reference_pass(batch, regs)
+        total = sft_loss
+        metrics = {"treft/sft": self._unscaled(sft_loss, num_items_in_batch)}
+        scale = self._term_scale(num_items_in_batch)
+        for reg in regs:
+            term = reg.compute(batch, outputs, ref_logits, model)
+            metrics[f"treft/{reg.key}"] = float(term.detach())
+            if reg.weight > 0:
+                total = total + (reg.weight * scale) * term
+        self.store_metrics(metrics, train_eval="train")
+        return (total, outputs) if return_outputs else total
+
+    def _reference_pass(self, batch: StepBatch, regs: list[Regularizer]) -> torch.Tensor | None:
+        request = None
+        for reg in regs:
+            need = reg.reference_request(batch)
+            if need is not None:
+                request = need if request is None else request.merge(need)
+        if request is None:
+            return None
+        sub = SubBatch(rows=request.rows.nonzero().squeeze(-1), length=request.length)
+        with ExitStack() as stack:
+            for reg in regs:
+                stack.enter_context(reg.reference_capture(batch, sub))
+            return self._treft_reference.forward(batch.sub_inputs(sub), logits=request.logits)
+
+    # -- scaling -----------------------------------------------------------------------------------
+    def _sft_is_presummed(self, num_items_in_batch) -> bool:
+        """True when HF Trainer will *not* divide this micro-step's loss by the accumulation steps."""
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            self.compute_loss_func is not None
+        )
+
+    def _term_scale(self, num_items_in_batch) -> float:
+        """Factor that makes ``weight · term`` count once per optimizer step, like a mean over micro-steps.
+
+        When the SFT loss is already normalized by the tokens of the whole accumulation window, HF does not
+        divide the micro-step loss by the accumulation steps, so the regularizer is divided here instead.
+        (HF's multiplication by the number of processes applies to the SFT loss only; DDP/DeepSpeed gradient
+        averaging then makes the term a mean over every rank's micro-batches, as intended.)
+        """
+        if self._sft_is_presummed(num_items_in_batch):
+            return 1.0 / max(1, self.current_gradient_accumulation_steps)
+        return 1.0
+
+    def _unscaled(self, sft_loss: torch.Tensor, num_items_in_batch) -> float:
+        """The SFT loss of this micro-batch as a per-token mean, for logging."""
+        value = float(sft_loss.detach())
+        if self._sft_is_presummed(num_items_in_batch):
+            value *= max(1, self.current_gradient_accumulation_steps)
+            if getattr(self.args, "average_tokens_across_devices", False):
+                value /= max(1, self.accelerator.num_processes)
+        return value
