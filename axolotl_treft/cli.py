@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", default=None, help="comma-separated run names (default: from the paths)")
     p.add_argument("--plot", default="treft_report.png", help="PNG path for the comparison plot")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.add_argument("--domain", choices=["legal", "finance", "health", "auto"], default=None,
+                   help="in-domain set for ID and EM-F1 (default: the one present, else the mean of all present)")
     p.set_defaults(func=_cmd_report)
     return parser
 

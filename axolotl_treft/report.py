@@ -104,8 +104,10 @@ def format_table(names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str
     header = ["run", *[h for _, h, _ in cols]]
     body = [[n, *[_fmt(r.get(k), kind) for k, _, kind in cols]] for n, r in zip(names, rows, strict=True)]
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-    lines = ["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths, strict=True)))
-             for line in [header, *body]]
+    lines = [
+        "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths, strict=True)))
+        for line in [header, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -117,8 +119,10 @@ def plot(names: Sequence[str], rows: Sequence[Mapping[str, Any]], out: str | Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("scores (0-100)", [c for c in COLUMNS if c[2] == "score"], 1.0),
-              ("rates (%)", [c for c in COLUMNS if c[2] == "rate"], 100.0)]
+    panels = [
+        ("scores (0-100)", [c for c in COLUMNS if c[2] == "score"], 1.0),
+        ("rates (%)", [c for c in COLUMNS if c[2] == "rate"], 100.0),
+    ]
     panels = [(t, [c for c in cs if any(r.get(c[0]) is not None for r in rows)], s) for t, cs, s in panels]
     panels = [p for p in panels if p[1]] or [("no metrics found", [], 1.0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -154,8 +158,11 @@ def main(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = [n.strip() for n in args.names.split(",")] if args.names else [
-        _default_name(a, f) for a, f in zip(args.results, files, strict=True)]
+    names = (
+        [n.strip() for n in args.names.split(",")]
+        if args.names
+        else [_default_name(a, f) for a, f in zip(args.results, files, strict=True)]
+    )
     if len(names) != len(files):
         print(f"error: {len(names)} names for {len(files)} results", file=sys.stderr)
         return 2
