@@ -160,6 +160,16 @@ class TReFTArgs(BaseModel):
                 "treft.kl: needs the model's logits, which `liger_fused_linear_cross_entropy` / "
                 "`cut_cross_entropy` do not materialize; disable those flags"
             )
+        if (treft.get("kv") or treft.get("feature_l2")) and data.get("gradient_checkpointing"):
+            # Hooked K/V and layer outputs only carry gradient under non-reentrant checkpointing.
+            gc_kwargs = dict(data.get("gradient_checkpointing_kwargs") or {})
+            if gc_kwargs.get("use_reentrant") is True:
+                raise ValueError(
+                    "gradient_checkpointing_kwargs.use_reentrant: must be false with treft.kv / "
+                    "treft.feature_l2 (reentrant checkpointing hides the activations they regularize)"
+                )
+            gc_kwargs["use_reentrant"] = False
+            data = {**data, "gradient_checkpointing_kwargs": gc_kwargs}
         if treft.get("safelora") and data.get("adapter") not in ("lora", "qlora"):
             raise ValueError("treft.safelora: projects a LoRA update; it needs `adapter: lora` (got a full finetune)")
         return data

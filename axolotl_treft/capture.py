@@ -2,16 +2,18 @@
 
 A capture is armed for exactly one forward pass with a flat index over ``batch × time``; the hook
 gathers those rows from the module's output (keeping the autograd graph when grad is enabled) and
-stores them. Outside an armed pass, hooks do nothing, so gradient-checkpointing recomputation during
-backward, generation, or evaluation never records anything. Hooks never read parameters, so they are
-safe under ZeRO-3.
+stores them. Hooks never read parameters, so they are safe under ZeRO-3.
+
+Non-reentrant gradient checkpointing re-runs the forward during backward and requires it to save the
+same tensors as the original pass; after an armed pass with grad enabled, the hooks therefore *replay*
+the same gather (and discard it) until :meth:`ActivationCapture.release` is called after backward.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -70,16 +72,20 @@ class ActivationCapture:
     def __init__(self, modules: Sequence[nn.Module]):
         self.modules = list(modules)
         self._index: torch.Tensor | None = None
+        self._replay: torch.Tensor | None = None
         self._outputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
 
     def _make_hook(self, slot: int):
         def hook(_module, _inputs, output):
-            if self._index is None:
+            index = self._index if self._index is not None else self._replay
+            if index is None:
                 return
             hidden = output[0] if isinstance(output, tuple) else output
             flat = hidden.reshape(-1, hidden.shape[-1])
-            self._outputs[slot] = flat.index_select(0, self._index.to(flat.device))
+            rows = flat.index_select(0, index.to(flat.device))
+            if self._index is not None:
+                self._outputs[slot] = rows
 
         return hook
 
@@ -88,12 +94,34 @@ class ActivationCapture:
         """Capture rows ``index`` (flat over batch × time) of every module's output in this block."""
         self._outputs = [None] * len(self.modules)
         self._index = index
+        grad = torch.is_grad_enabled()
         try:
             yield self._outputs
         finally:
             self._index = None
+            if grad:
+                self._replay = index
+
+    def release(self) -> None:
+        """End of the step's backward: stop replaying for checkpoint recomputation."""
+        self._replay = None
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class Keep(AbstractContextManager):
+    """Enter an ``armed`` capture and store its outputs list as ``owner.<attr>``."""
+
+    def __init__(self, owner, attr: str, inner: AbstractContextManager):
+        self.owner, self.attr, self.inner = owner, attr, inner
+
+    def __enter__(self):
+        outs = self.inner.__enter__()
+        setattr(self.owner, self.attr, outs)
+        return outs
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)

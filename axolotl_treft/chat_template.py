@@ -9,13 +9,12 @@ the trainer counts and reports such samples).
 
 from __future__ import annotations
 
-import logging
-
 from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy, MistralStrategy, StrategyLoader
 
+from .log import get_logger
 from .spans import SEG_RESPONSE, SEGMENTS_KEY, TemplateSpanError, conversation_spans
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 
 
 class _SegmentsMixin:

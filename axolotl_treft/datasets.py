@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
+from .log import get_logger
 from .plugin import SEGMENTED_TYPE
 from .spans import TemplateSpanError, probe_template
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 
 
 def check_template(cfg) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "treft_materialized.json"
+_FORMAT = 2  # bump when the materialized layout changes
 
 
 def default_cache_dir() -> Path:
@@ -40,7 +41,7 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = 
     """Write SmolLM2-135M-Instruct as an fp32 HF model directory (cached) and return its path."""
     out = Path(out_dir) if out_dir else default_cache_dir()
     gguf = smollm2_gguf_path()
-    stamp = {"source": str(gguf), "size": gguf.stat().st_size}
+    stamp = {"source": str(gguf), "size": gguf.stat().st_size, "format": _FORMAT}
     marker = out / _MARKER
     if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
@@ -49,6 +50,9 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF metadata maps eos to <|im_start|> and has no pad token; upstream uses <|im_end|> for both.
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|im_end|>"
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from axolotl.integrations.base import BasePlugin
 
-LOG = logging.getLogger(__name__)
+from .log import get_logger
+
+LOG = get_logger(__name__)
 
 CHAT_TEMPLATE_TYPE = "chat_template"
 SEGMENTED_TYPE = "axolotl_treft.chat_template"
@@ -40,12 +40,17 @@ class TReFTPlugin(BasePlugin):
         """Check the chat template at start-up; build the interleaved mix when ``treft.retain`` asks."""
         if not cfg.treft:
             return None
+        import torch
+
         from .datasets import check_template, load_datasets_with_retain
 
-        check_template(cfg)
-        retain = cfg.treft.retain
-        if retain and retain.mix_ratio:
-            return load_datasets_with_retain(cfg, preprocess=preprocess)
+        # Axolotl seeds only when the trainer is built, after the model (and LoRA init) load: leave the
+        # global RNG exactly as a run without this plugin would, so `weight: 0` reproduces plain SFT.
+        with torch.random.fork_rng(devices=[]):
+            check_template(cfg)
+            retain = cfg.treft.retain
+            if retain and retain.mix_ratio:
+                return load_datasets_with_retain(cfg, preprocess=preprocess)
         return None
 
     def get_trainer_cls(self, cfg):

@@ -12,14 +12,15 @@ rank whenever they run at all: callers never skip them based on data.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
-LOG = logging.getLogger(__name__)
+from .log import get_logger
+
+LOG = get_logger(__name__)
 
 
 def _is_peft(model: nn.Module) -> bool:

@@ -9,19 +9,19 @@ logged but not added, so the run is exactly plain SFT).
 
 from __future__ import annotations
 
-import logging
 from contextlib import ExitStack
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from .collator import SegmentsCollator
+from .log import get_logger
 from .reference import Reference
 from .regularizers import build_regularizers
-from .regularizers.base import Regularizer, StepBatch, SubBatch
+from .regularizers.base import ReferenceResult, Regularizer, StepBatch, SubBatch
 from .spans import SEGMENTS_KEY
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 
 
 class TReFTTrainer(AxolotlTrainer):
@@ -66,6 +66,13 @@ class TReFTTrainer(AxolotlTrainer):
             reg.setup(model, self._treft_reference)
         self._treft_ready = True
 
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            for reg in self.treft_regularizers:
+                reg.end_step()
+
     # -- loss --------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         segments = inputs.pop(SEGMENTS_KEY, None)
@@ -83,19 +90,19 @@ class TReFTTrainer(AxolotlTrainer):
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
 
-        ref_logits = self._reference_pass(batch, regs)
+        reference = self._reference_pass(batch, regs)
         total = sft_loss
         metrics = {"treft/sft": self._unscaled(sft_loss, num_items_in_batch)}
         scale = self._term_scale(num_items_in_batch)
         for reg in regs:
-            term = reg.compute(batch, outputs, ref_logits, model)
+            term = reg.compute(batch, outputs, reference, model)
             metrics[f"treft/{reg.key}"] = float(term.detach())
             if reg.weight > 0:
                 total = total + (reg.weight * scale) * term
         self.store_metrics(metrics, train_eval="train")
         return (total, outputs) if return_outputs else total
 
-    def _reference_pass(self, batch: StepBatch, regs: list[Regularizer]) -> torch.Tensor | None:
+    def _reference_pass(self, batch: StepBatch, regs: list[Regularizer]) -> ReferenceResult | None:
         request = None
         for reg in regs:
             need = reg.reference_request(batch)
@@ -107,7 +114,8 @@ class TReFTTrainer(AxolotlTrainer):
         with ExitStack() as stack:
             for reg in regs:
                 stack.enter_context(reg.reference_capture(batch, sub))
-            return self._treft_reference.forward(batch.sub_inputs(sub), logits=request.logits)
+            logits = self._treft_reference.forward(batch.sub_inputs(sub), logits=request.logits)
+        return ReferenceResult(sub=sub, logits=logits)
 
     # -- scaling -----------------------------------------------------------------------------------
     def _sft_is_presummed(self, num_items_in_batch) -> bool:

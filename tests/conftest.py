@@ -50,7 +50,7 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
         max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=None,  # padding_idx would zero the embedding of <|im_end|>, a template token
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(cfg).save_pretrained(out)

@@ -7,7 +7,7 @@ from typing import Any
 from .base import Regularizer
 
 
-def build_regularizers(treft: Any, trainer) -> list[Regularizer]:
+def build_regularizers(treft: Any, trainer, retain_batches=None) -> list[Regularizer]:
     """Instantiate the regularizers enabled in the (validated) ``treft:`` config block."""
     from ..args import TReFTConfig
 
@@ -17,6 +17,14 @@ def build_regularizers(treft: Any, trainer) -> list[Regularizer]:
         from .kv import KVRegularizer
 
         regs.append(KVRegularizer(cfg.kv, train_dataset=trainer.train_dataset))
+    if cfg.kl is not None:
+        from .kl import KLRegularizer
+
+        regs.append(KLRegularizer(cfg.kl, retain_batches=retain_batches if cfg.kl.on == "retain" else None))
+    if cfg.feature_l2 is not None:
+        from .feature_l2 import FeatureL2Regularizer
+
+        regs.append(FeatureL2Regularizer(cfg.feature_l2))
     return regs
 
 

@@ -43,6 +43,19 @@ class SubBatch:
 
 
 @dataclass
+class ReferenceResult:
+    """What the shared reference pass produced: logits (if requested) for the sub-batch rows."""
+
+    sub: SubBatch
+    logits: torch.Tensor | None  # [R, L, V]
+
+    def logits_at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Reference logits at training-batch (row, position) pairs: [N, V]."""
+        flat = self.logits.reshape(-1, self.logits.shape[-1])
+        return flat.index_select(0, self.sub.flat_index(rows, positions))
+
+
+@dataclass
 class StepBatch:
     """A training micro-batch as regularizers see it."""
 
@@ -74,8 +87,9 @@ class StepBatch:
         else:
             starts = torch.zeros_like(input_ids, dtype=torch.bool)
             starts[:, 0] = True
+        starts &= valid  # padding may restart position_ids; it is not a sample
         local = torch.cumsum(starts.long(), dim=1) - 1  # sample number within the row
-        per_row = local.max(dim=1).values + 1
+        per_row = torch.where(valid, local, torch.full_like(local, -1)).max(dim=1).values + 1
         offsets = torch.cumsum(per_row, 0) - per_row
         sample_index = torch.where(valid, local + offsets[:, None], torch.full_like(local, -1))
         return cls(
@@ -104,7 +118,7 @@ class Regularizer:
 
     Lifecycle per training step: ``policy_capture`` wraps the SFT forward; if ``reference_request``
     returns a request, the trainer runs one shared no-grad reference pass wrapped in
-    ``reference_capture``; then ``compute`` returns the unweighted term.
+    ``reference_capture``; then ``compute`` returns the unweighted term (a 0-dim fp32 tensor).
     """
 
     key: str = ""
@@ -124,8 +138,11 @@ class Regularizer:
     def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
         return nullcontext()
 
-    def compute(self, batch: StepBatch, outputs, ref_logits: torch.Tensor | None, model) -> torch.Tensor:
+    def compute(self, batch: StepBatch, outputs, reference: ReferenceResult | None, model) -> torch.Tensor:
         raise NotImplementedError
+
+    def end_step(self) -> None:
+        """Called after the step's backward (release per-step state such as capture replays)."""
 
     def summary(self) -> str | None:
         """A line for the end-of-training log, if any."""
@@ -133,3 +150,32 @@ class Regularizer:
 
     def close(self) -> None:
         """Remove hooks."""
+
+
+class CapturingRegularizer(Regularizer):
+    """A regularizer that records module outputs of the policy and of the reference through hooks."""
+
+    def __init__(self, weight: float):
+        super().__init__(weight)
+        self._policy = None  # ActivationCapture on the trained model
+        self._ref = None  # the same object when the reference is the adapter-disabled policy
+        self._captured = None
+        self._ref_captured = None
+
+    def _modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def _attach_reference(self, reference: Reference) -> None:
+        from ..capture import ActivationCapture
+
+        ref_model = reference.model()
+        self._ref = self._policy if ref_model is reference.policy else ActivationCapture(self._modules(ref_model))
+
+    def end_step(self) -> None:
+        for cap in (self._policy, self._ref):
+            if cap is not None:
+                cap.release()
+
+    def close(self) -> None:
+        for cap in {id(c): c for c in (self._policy, self._ref) if c is not None}.values():
+            cap.remove()

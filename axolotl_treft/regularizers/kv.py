@@ -12,19 +12,19 @@ the rows that hold regularized tokens, truncated after the last such token.
 
 from __future__ import annotations
 
-import logging
 from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
 from ..args import KVConfig
-from ..capture import ActivationCapture, projection_modules
+from ..capture import ActivationCapture, Keep, projection_modules
+from ..log import get_logger
 from ..reference import Reference
 from ..spans import SEG_PREFIX, SEGMENTS_KEY, TOKEN_MODES
-from .base import ReferenceRequest, Regularizer, StepBatch, SubBatch
+from .base import CapturingRegularizer, ReferenceRequest, StepBatch, SubBatch
 
-LOG = logging.getLogger(__name__)
+LOG = get_logger(__name__)
 _EPS = 1e-12
 
 
@@ -41,7 +41,7 @@ def kv_loss(policy: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.
     return torch.stack(per_layer).mean()
 
 
-class KVRegularizer(Regularizer):
+class KVRegularizer(CapturingRegularizer):
     key = "kv"
 
     def __init__(self, cfg: KVConfig, train_dataset=None):
@@ -52,12 +52,8 @@ class KVRegularizer(Regularizer):
         self.samples_seen = 0
         self.samples_skipped = 0
         self._warned = False
-        self._policy: ActivationCapture | None = None
-        self._ref: ActivationCapture | None = None
         self._cache: list[torch.Tensor] | None = None  # per captured module: [sum of prefix lengths, d]
         self._cache_offsets: dict[tuple[int, ...], int] = {}
-        self._captured: list | None = None
-        self._ref_captured: list | None = None
 
     # -- setup -------------------------------------------------------------------------------------
     def _modules(self, model: nn.Module) -> list[nn.Module]:
@@ -77,8 +73,7 @@ class KVRegularizer(Regularizer):
                 "treft.kv: %s distinct prefixes exceed max_cached_prefixes=%d; running a reference pass "
                 "every step instead", "unknown" if prefixes is None else len(prefixes), self.cfg.max_cached_prefixes,
             )
-        ref_model = reference.model()
-        self._ref = self._policy if ref_model is reference.policy else ActivationCapture(self._modules(ref_model))
+        self._attach_reference(reference)
 
     def _distinct_prefixes(self) -> list[tuple[int, ...]] | None:
         ds = self.train_dataset
@@ -140,7 +135,7 @@ class KVRegularizer(Regularizer):
         self._account(batch, selected)
         self._selection = selected
         flat = selected.reshape(-1).nonzero().squeeze(-1)
-        return _Keep(self, "_captured", self._policy.armed(flat))
+        return Keep(self, "_captured", self._policy.armed(flat))
 
     def reference_request(self, batch: StepBatch) -> ReferenceRequest | None:
         if self._cache is not None or self._ref is None:
@@ -156,7 +151,7 @@ class KVRegularizer(Regularizer):
     def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
         pairs = self._selection.nonzero()
         index = sub.flat_index(pairs[:, 0], pairs[:, 1])
-        return _Keep(self, "_ref_captured", self._ref.armed(index))
+        return Keep(self, "_ref_captured", self._ref.armed(index))
 
     def _cached_reference(self, batch: StepBatch) -> list[torch.Tensor]:
         ids = batch.input_ids.cpu()
@@ -182,7 +177,7 @@ class KVRegularizer(Regularizer):
         index = torch.cat(rows).to(self._cache[0].device) if rows else torch.zeros(0, dtype=torch.long)
         return [c.index_select(0, index.to(c.device)) for c in self._cache]
 
-    def compute(self, batch: StepBatch, outputs, ref_logits, model) -> torch.Tensor:
+    def compute(self, batch: StepBatch, outputs, reference, model) -> torch.Tensor:
         policy = self._captured
         self._captured = None
         if policy is None or any(p is None for p in policy):
@@ -190,15 +185,15 @@ class KVRegularizer(Regularizer):
         if policy[0].shape[0] == 0:
             return policy[0].sum() * 0.0
         if self._cache is not None:
-            reference = [r.to(policy[0].device) for r in self._cached_reference(batch)]
+            ref_kv = [r.to(policy[0].device) for r in self._cached_reference(batch)]
         else:
-            reference, self._ref_captured = self._ref_captured, None
+            ref_kv, self._ref_captured = self._ref_captured, None
         if policy[0].requires_grad is False and torch.is_grad_enabled() and model.training and self.weight > 0:
             raise RuntimeError(
                 "treft.kv: captured K/V carry no gradient; with gradient checkpointing set "
                 "`gradient_checkpointing_kwargs: {use_reentrant: false}`"
             )
-        return kv_loss(policy, reference)
+        return kv_loss(policy, ref_kv)
 
     def summary(self) -> str | None:
         if not self.samples_skipped:
@@ -208,9 +203,6 @@ class KVRegularizer(Regularizer):
             f"{self.cfg.tokens!r} tokens and trained with the SFT loss only"
         )
 
-    def close(self) -> None:
-        for cap in {id(c): c for c in (self._policy, self._ref) if c is not None}.values():
-            cap.remove()
 
 
 def _leading(seq, value: int) -> int:
@@ -220,18 +212,3 @@ def _leading(seq, value: int) -> int:
             break
         n += 1
     return n
-
-
-class _Keep(AbstractContextManager):
-    """Enter an ``armed`` capture and store its outputs list on ``owner.attr``."""
-
-    def __init__(self, owner, attr: str, inner: AbstractContextManager):
-        self.owner, self.attr, self.inner = owner, attr, inner
-
-    def __enter__(self):
-        outs = self.inner.__enter__()
-        setattr(self.owner, self.attr, outs)
-        return outs
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc)
