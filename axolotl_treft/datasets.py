@@ -31,6 +31,76 @@ def check_template(cfg) -> None:
                  spans.segments.count(1), spans.segments.count(3))
 
 
+def load_retain_dataset(cfg):
+    """Tokenize ``treft.retain.datasets`` with Axolotl's own pipeline (any dataset type it supports)."""
+    import copy
+
+    from axolotl.common.datasets import load_datasets
+    from axolotl.utils.dict import DictDefault
+    from axolotl.utils.schemas.datasets import SFTDataset
+
+    retain = cfg.treft.retain
+    specs = []
+    for i, raw in enumerate(retain.datasets):
+        spec = dict(raw)
+        if spec.get("type") in (SEGMENTED_TYPE, "chat_template") and not spec.get("chat_template"):
+            spec["chat_template"] = cfg.chat_template
+            if cfg.chat_template_jinja:
+                spec["chat_template_jinja"] = cfg.chat_template_jinja
+        try:
+            specs.append(DictDefault(SFTDataset(**spec).model_dump(exclude_none=True)))
+        except ValueError as err:
+            raise ValueError(f"treft.retain.datasets[{i}]: {err}") from err
+    retain_cfg = DictDefault(copy.deepcopy(dict(cfg)))
+    retain_cfg.datasets = specs
+    retain_cfg.test_datasets = None
+    retain_cfg.val_set_size = 0
+    retain_cfg.total_num_tokens = None
+    retain_cfg.total_supervised_tokens = None
+    dataset = load_datasets(cfg=retain_cfg).train_dataset
+    if dataset is None or len(dataset) == 0:
+        raise ValueError("treft.retain.datasets: no usable examples after tokenization (empty or all too long)")
+    return dataset
+
+
+def mix_with_retain(train, retain, mix_ratio: float, seed: int):
+    """``train`` plus retain examples making up ``mix_ratio`` of the result, sampled with ``seed``.
+
+    The retain set is down-sampled without replacement, or up-sampled by whole copies plus a sample of the
+    remainder, to ``round(r·N/(1−r))`` examples; the mix is shuffled with the same seed.
+    """
+    import numpy as np
+    from datasets import concatenate_datasets
+
+    n_train = len(train)
+    n_retain = round(mix_ratio * n_train / (1.0 - mix_ratio))
+    rng = np.random.default_rng(seed)
+    copies, rest = divmod(n_retain, len(retain))
+    index = [rng.permutation(len(retain)) for _ in range(copies)]
+    index.append(rng.choice(len(retain), size=rest, replace=False))
+    picked = retain.select(np.concatenate(index).astype(np.int64).tolist())
+    extra = [c for c in picked.column_names if c not in train.column_names]
+    picked = picked.remove_columns(extra).cast(train.features)
+    mixed = concatenate_datasets([train, picked]).shuffle(seed=seed)
+    counts = {"train": n_train, "retain": n_retain, "retain_available": len(retain),
+              "retain_fraction": n_retain / max(1, n_train + n_retain)}
+    return mixed, counts
+
+
 def load_datasets_with_retain(cfg, preprocess: bool = False):
-    """The training mix with ``treft.retain.mix_ratio`` of retain examples (implemented with interleaving)."""
-    raise NotImplementedError("treft.retain interleaving is not implemented yet")
+    """Axolotl's training set interleaved with ``treft.retain.mix_ratio`` of retain examples."""
+    from axolotl.common.datasets import TrainDatasetMeta, load_datasets
+    from axolotl.utils.trainer import calculate_total_num_steps
+
+    retain = cfg.treft.retain
+    meta = load_datasets(cfg=cfg)
+    seed = retain.seed if retain.seed is not None else (cfg.seed if cfg.seed is not None else 42)
+    mixed, counts = mix_with_retain(meta.train_dataset, load_retain_dataset(cfg), retain.mix_ratio, seed)
+    LOG.info(
+        "treft.retain: training mix = %d train + %d retain examples (%.1f%% retain; %d distinct retain examples)",
+        counts["train"], counts["retain"], 100 * counts["retain_fraction"], counts["retain_available"],
+    )
+    cfg.total_num_tokens = None
+    cfg.total_supervised_tokens = None
+    total_steps = calculate_total_num_steps(cfg, mixed)
+    return TrainDatasetMeta(train_dataset=mixed, eval_dataset=meta.eval_dataset, total_num_steps=total_steps)

@@ -19,6 +19,8 @@ def _uses_trainer(treft) -> bool:
 class TReFTPlugin(BasePlugin):
     """Token-Regularized Finetuning and the comparison regularizers for Axolotl."""
 
+    retain_dataset = None  # tokenized retain set, for KL on retain
+
     def get_input_args(self) -> str:
         return "axolotl_treft.args.TReFTArgs"
 
@@ -42,13 +44,16 @@ class TReFTPlugin(BasePlugin):
             return None
         import torch
 
-        from .datasets import check_template, load_datasets_with_retain
+        from .datasets import check_template, load_datasets_with_retain, load_retain_dataset
 
         # Axolotl seeds only when the trainer is built, after the model (and LoRA init) load: leave the
         # global RNG exactly as a run without this plugin would, so `weight: 0` reproduces plain SFT.
         with torch.random.fork_rng(devices=[]):
             check_template(cfg)
             retain = cfg.treft.retain
+            kl = cfg.treft.kl
+            if kl and kl.on == "retain":
+                self.retain_dataset = load_retain_dataset(cfg)
             if retain and retain.mix_ratio:
                 return load_datasets_with_retain(cfg, preprocess=preprocess)
         return None
@@ -65,6 +70,7 @@ class TReFTPlugin(BasePlugin):
 
         if isinstance(trainer, TReFTTrainer):
             trainer.axolotl_cfg = cfg
+            trainer.treft_retain_dataset = self.retain_dataset
             trainer.post_set_axolotl_cfg()
             LOG.info("treft: regularizers active: %s", [r.key for r in trainer.treft_regularizers])
 

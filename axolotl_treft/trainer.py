@@ -38,13 +38,35 @@ class TReFTTrainer(AxolotlTrainer):
         self._treft_reference: Reference | None = None
         self._treft_ready = False
         self._treft_resumed = False
+        self.treft_retain_dataset = None
 
     # -- configuration -----------------------------------------------------------------------------
     def post_set_axolotl_cfg(self) -> None:
         """Build the regularizers from ``self.axolotl_cfg.treft`` (called by the plugin)."""
         treft = self.axolotl_cfg.treft
-        self.treft_regularizers = build_regularizers(treft, self)
+        self.treft_regularizers = build_regularizers(treft, self, retain_batches=self._retain_batches())
         self._treft_reference = Reference(self)
+
+    def _retain_batches(self):
+        """Endless, seeded (per rank) micro-batches of the retain set for KL on retain; None without one."""
+        if self.treft_retain_dataset is None:
+            return None
+        from axolotl.utils.collators.batching import DataCollatorForSeq2Seq
+
+        dataset = self.treft_retain_dataset
+        columns = [c for c in ("input_ids", "attention_mask", "labels", SEGMENTS_KEY) if c in dataset.column_names]
+        dataset = dataset.select_columns(columns)
+        collate = SegmentsCollator(DataCollatorForSeq2Seq(self.processing_class, padding=True, pad_to_multiple_of=8),
+                                   padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
+        generator = torch.Generator().manual_seed(int(self.args.seed) + self.accelerator.process_index)
+        size = self.args.per_device_train_batch_size
+
+        def batches():
+            while True:
+                for idx in torch.randperm(len(dataset), generator=generator).split(size):
+                    yield collate([dataset[int(i)] for i in idx])
+
+        return batches()
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
