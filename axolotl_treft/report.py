@@ -130,11 +130,13 @@ def plot(names: Sequence[str], rows: Sequence[Mapping[str, Any]], out: str | Pat
     for ax, (title, cols, scale) in zip(axes[0], panels, strict=True):
         for i, (name, row) in enumerate(zip(names, rows, strict=True)):
             xs = [j + i * width - 0.4 + width / 2 for j in range(len(cols))]
-            ys = [(row.get(k) or 0.0) * scale for k, _, _ in cols]
-            ax.bar(xs, ys, width=width, label=name)
+            ys = [math.nan if row.get(k) is None else row[k] * scale for k, _, _ in cols]
+            bars = ax.bar(xs, ys, width=width, label=name)
+            ax.bar_label(bars, labels=["" if math.isnan(y) else f"{y:.0f}" for y in ys], fontsize=7)
         ax.set_xticks(range(len(cols)), [h for _, h, _ in cols], rotation=30, ha="right")
         ax.set_title(title)
-        ax.set_ylim(0, 100)
+        ax.set_xlim(-0.6, len(cols) - 0.4)
+        ax.set_ylim(0, 105)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
