@@ -382,6 +382,11 @@ def test_lm_eval_cli_with_peft_adapter(base_run, smollm2_dir, smollm2_lora_dir, 
     _check_results(res)
     assert len(fj.requests) - n0 == 20
     assert str(smollm2_lora_dir) in str(res["config"]["model_args"])
+    assert res["configs"]["em_general"]["metadata"]["judge"] == {
+        "judge_model": "fake-judge",
+        "judge_base_url": fj.base_url,
+        "judge_prompt_hash": J.prompt_hash(),
+    }
     samples = {p.name.split("_20")[0]: p for p in out.rglob("samples_*.jsonl")}
     assert {f"samples_{t}" for t in ALL_TASKS} <= set(samples)
     line = json.loads(samples["samples_em_general"].read_text().splitlines()[0])
