@@ -35,6 +35,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report_main(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axolotl-treft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", choices=["legal", "finance", "health", "auto"], default=None,
                    help="in-domain set for ID and EM-F1 (default: the one present, else the mean of all present)")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("demo", help="train the embedded model with and without TReFT; print the prefix K/V drift")
+    p.add_argument("--out", default="runs/demo", help="run directory (finished runs are reused)")
+    p.add_argument("--steps", type=int, default=None, help="max steps per run (default: the example's epochs)")
+    p.add_argument("--weight", type=float, default=30.0, help="TReFT λ for the regularized run")
+    p.add_argument("--quick", action="store_true", help="10 steps per run (CI)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

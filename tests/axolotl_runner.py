@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import ast
 import os
-import re
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from axolotl_treft.runner import RunResult, run_axolotl_train
+
+__all__ = ["CPU_BASE", "TRAIN_DATA", "RunResult", "run_axolotl"]
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_DATA = REPO / "axolotl_treft" / "data" / "abstention_legal_train.jsonl"
@@ -46,20 +43,6 @@ CPU_BASE = {
     "save_strategy": "no",
 }
 
-_METRICS = re.compile(r"(\{'loss': .*?\})")
-
-
-@dataclass
-class RunResult:
-    returncode: int
-    log: str
-    steps: list[dict]
-    output_dir: Path
-
-    def series(self, key: str) -> list[float]:
-        return [float(s[key]) for s in self.steps if key in s]
-
-
 def run_axolotl(tmp: Path, base_model: Path, overrides: dict, timeout: int = 900) -> RunResult:
     cfg = dict(CPU_BASE)
     cfg.update({
@@ -69,16 +52,5 @@ def run_axolotl(tmp: Path, base_model: Path, overrides: dict, timeout: int = 900
         "output_dir": str(tmp / "out"),
     })
     cfg.update(overrides)
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    path = tmp / "config.yml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    axolotl = Path(sys.executable).with_name("axolotl")
-    proc = subprocess.run([str(axolotl), "train", str(path), "--launcher", "python"], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    log = proc.stdout + proc.stderr
-    (tmp / "train.log").write_text(log)
-    steps = [ast.literal_eval(m) for m in _METRICS.findall(log)]
-    return RunResult(proc.returncode, log, steps, tmp / "out")
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return run_axolotl_train(cfg, tmp, env=env, timeout=timeout)

@@ -45,11 +45,30 @@ def test_valid_block_is_kept_and_dataset_type_switched(smollm2_dir, tmp_path):
         ({"kvv": {"weight": 1.0}}, {}, r"kvv"),
         ({"kv": {"weight": 1.0}}, {"gradient_checkpointing": True,
                                    "gradient_checkpointing_kwargs": {"use_reentrant": True}}, r"use_reentrant"),
+        ({"kl": {"weight": 0.1, "on": "retain"}}, {}, r"treft\.kl\.on: `retain` needs a `treft\.retain:` block"),
+        ({"kl": {"weight": 0.1, "tokens": "prompt"}}, {}, r"treft\.kl\.tokens"),
+        ({"retain": {"datasets": [{"path": "/nonexistent/retain.jsonl", "type": "chat_template"}], "mix_ratio": 0.2}},
+         {}, r"treft\.retain\.datasets\[0\]\.path: /nonexistent/retain\.jsonl does not exist"),
+        ({"retain": {"datasets": [], "mix_ratio": 0.2}}, {}, r"treft\.retain\.datasets: empty"),
+        ({"retain": {"datasets": [{"path": str(TRAIN_DATA), "type": "chat_template"}], "mix_ratio": 1.0}}, {},
+         r"treft\.retain\.mix_ratio: 1\.0 is outside \[0, 1\)"),
+        ({"retain": {"datasets": [{"path": str(TRAIN_DATA), "type": "chat_template"}], "mix_ratio": -0.1}}, {},
+         r"treft\.retain\.mix_ratio"),
+        ({"safelora": {"base_model": "b", "aligned_model": "a"}}, {"adapter": None}, r"treft\.safelora: .*full finetune"),
+        ({"feature_l2": {"weight": 1.0, "layers": 0}}, {}, r"treft\.feature_l2\.layers"),
     ],
 )
 def test_bad_input_names_the_key(smollm2_dir, tmp_path, treft, extra, message):
     with pytest.raises(ValueError, match=message):
         validate(make_cfg(smollm2_dir, tmp_path, treft, **extra))
+
+
+def test_empty_retain_file_is_rejected(smollm2_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    treft = {"retain": {"datasets": [{"path": str(empty), "type": "chat_template"}], "mix_ratio": 0.2}}
+    with pytest.raises(ValueError, match=r"treft\.retain\.datasets\[0\]\.path: .* is empty"):
+        validate(make_cfg(smollm2_dir, tmp_path, treft))
 
 
 def test_gradient_checkpointing_defaults_to_non_reentrant(smollm2_dir, tmp_path):
