@@ -68,10 +68,8 @@ def smollm2_lora_dir(tmp_path_factory, smollm2_dir) -> Path:
     out = tmp_path_factory.mktemp("smollm2-lora")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    from tests.reg_harness import randomize_lora_b
+
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
-    peft_model.save_pretrained(out)
+    randomize_lora_b(peft_model, 0.05).save_pretrained(out)
     return out

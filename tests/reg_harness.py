@@ -20,15 +20,21 @@ CONVS = [
 ]
 
 
+def randomize_lora_b(model, std: float = 0.05):
+    """Give every LoRA B a random non-zero value, so the adapter changes the model (B starts at 0)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+    return model
+
+
 def lora_model(path, nonzero_b: bool = True):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     if nonzero_b:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
+        randomize_lora_b(model)
     model.train()
     return model
 

@@ -46,12 +46,10 @@ def _make_lora(base_dir: Path, out: Path, targets, seed: int, **lora_kwargs) -> 
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    from tests.reg_harness import randomize_lora_b
+
     peft_model = get_peft_model(model, LoraConfig(target_modules=targets, **lora_kwargs))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
-    peft_model.save_pretrained(out)
+    randomize_lora_b(peft_model, 0.1).save_pretrained(out)
     return out
 
 
