@@ -27,10 +27,10 @@ class TReFTPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         """Switch ``type: chat_template`` datasets to the same type plus template segments."""
         treft = cfg.get("treft")
-        if not treft:
-            return
+        if not isinstance(treft, dict) or not _uses_trainer(treft):
+            return  # interleaving or SafeLoRA alone: the datasets stay exactly Axolotl's
         lists = [cfg.get("datasets"), cfg.get("test_datasets")]
-        retain = treft.get("retain") if isinstance(treft, dict) else None
+        retain = treft.get("retain")
         if isinstance(retain, dict):
             lists.append(retain.get("datasets"))
         for datasets in lists:

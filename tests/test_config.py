@@ -63,6 +63,13 @@ def test_bad_input_names_the_key(smollm2_dir, tmp_path, treft, extra, message):
         validate(make_cfg(smollm2_dir, tmp_path, treft, **extra))
 
 
+def test_interleaving_alone_keeps_axolotl_dataset_types(smollm2_dir, tmp_path):
+    retain = [{"path": str(TRAIN_DATA), "type": "chat_template"}]
+    cfg = validate(make_cfg(smollm2_dir, tmp_path, {"retain": {"datasets": retain, "mix_ratio": 0.2}}))
+    assert cfg.datasets[0]["type"] == "chat_template"
+    assert cfg.treft.retain.datasets[0]["type"] == "chat_template"
+
+
 def test_empty_retain_file_is_rejected(smollm2_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
