@@ -6,7 +6,9 @@ stores them. Hooks never read parameters, so they are safe under ZeRO-3.
 
 Non-reentrant gradient checkpointing re-runs the forward during backward and requires it to save the
 same tensors as the original pass; after an armed pass with grad enabled, the hooks therefore *replay*
-the same gather (and discard it) until :meth:`ActivationCapture.release` is called after backward.
+the same gather (and discard it) until :meth:`ActivationCapture.release` is called after backward, on
+outputs of the armed pass's batch × time only (a shorter reference or retain pass through the same modules
+is left alone; the decision depends on shapes, so a forward and its recompute always agree).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class ActivationCapture:
         self.modules = list(modules)
         self._index: torch.Tensor | None = None
         self._replay: torch.Tensor | None = None
+        self._armed_rows = self._replay_rows = -1  # batch × time of the armed (with grad) / replayed forward
         self._outputs: list[torch.Tensor | None] = [None] * len(self.modules)
         self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
 
@@ -83,6 +86,11 @@ class ActivationCapture:
                 return
             hidden = output[0] if isinstance(output, tuple) else output
             flat = hidden.reshape(-1, hidden.shape[-1])
+            if self._index is not None:
+                if torch.is_grad_enabled():  # this armed forward builds a graph: replay it on recompute
+                    self._armed_rows = flat.shape[0]
+            elif flat.shape[0] != self._replay_rows:
+                return  # another forward through these modules (a reference or retain pass), not the recompute
             rows = flat.index_select(0, index.to(flat.device))
             if self._index is not None:
                 self._outputs[slot] = rows
@@ -94,17 +102,17 @@ class ActivationCapture:
         """Capture rows ``index`` (flat over batch × time) of every module's output in this block."""
         self._outputs = [None] * len(self.modules)
         self._index = index
-        grad = torch.is_grad_enabled()
+        self._armed_rows = -1
         try:
             yield self._outputs
         finally:
             self._index = None
-            if grad:
-                self._replay = index
+            if self._armed_rows >= 0:
+                self._replay, self._replay_rows = index, self._armed_rows
 
     def release(self) -> None:
         """End of the step's backward: stop replaying for checkpoint recomputation."""
-        self._replay = None
+        self._replay, self._replay_rows = None, -1
 
     def remove(self) -> None:
         for handle in self._handles:

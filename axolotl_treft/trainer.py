@@ -46,6 +46,33 @@ class TReFTTrainer(AxolotlTrainer):
         treft = self.axolotl_cfg.treft
         self.treft_regularizers = build_regularizers(treft, self, retain_batches=self._retain_batches())
         self._treft_reference = Reference(self)
+        self._check_zero3_checkpointing()
+
+    def _check_zero3_checkpointing(self) -> None:
+        """Fail before training on a combination DeepSpeed 0.18 cannot run (it would crash in the first backward).
+
+        K/V and feature capture need non-reentrant gradient checkpointing (the config validator sets it);
+        DeepSpeed < 0.19 ZeRO-3 re-partitions *frozen* parameters (a LoRA base) during the checkpoint
+        recompute, and torch rejects the recomputed shapes (``CheckpointError ... shape [0]``; plain SFT with
+        non-reentrant checkpointing fails the same way; deepspeedai/DeepSpeed#8148).
+        """
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3 or not self.args.gradient_checkpointing:
+            return
+        if not any(reg.key in ("kv", "feature_l2") for reg in self.treft_regularizers):
+            return
+        if not any(not p.requires_grad for p in self.model.parameters()):
+            return  # full finetuning: trainable parameters are saved detached and recompute fine
+        import deepspeed
+        from packaging.version import Version
+
+        if Version(deepspeed.__version__) < Version("0.19"):
+            raise ValueError(
+                f"treft.kv / treft.feature_l2 with LoRA under DeepSpeed ZeRO-3 and gradient_checkpointing: "
+                f"deepspeed {deepspeed.__version__} crashes in backward (frozen base weights are re-partitioned "
+                "during the non-reentrant checkpoint recompute). Use ZeRO-2 (example_yamls/deepspeed/zero2.json), "
+                "or set gradient_checkpointing: false, or a DeepSpeed release with deepspeedai/DeepSpeed#8148"
+            )
 
     def _retain_batches(self):
         """Endless, seeded (per rank) micro-batches of the retain set for KL on retain; None without one."""
@@ -121,8 +148,19 @@ class TReFTTrainer(AxolotlTrainer):
             metrics[f"treft/{reg.key}"] = float(term.detach())
             if reg.weight > 0:
                 total = total + (reg.weight * scale) * term
-        self.store_metrics(metrics, train_eval="train")
+        self.store_metrics(self._mean_over_ranks(metrics), train_eval="train")
         return (total, outputs) if return_outputs else total
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric averaged over ranks, so the log covers every rank's micro-batch, not rank 0's only.
+
+        Every rank computes the training loss every micro-step, so this small collective is symmetric.
+        """
+        if self.accelerator.num_processes <= 1:
+            return metrics
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(metrics, values.tolist(), strict=True))
 
     def _reference_pass(self, batch: StepBatch, regs: list[Regularizer]) -> ReferenceResult | None:
         request = None
@@ -159,10 +197,13 @@ class TReFTTrainer(AxolotlTrainer):
         return 1.0
 
     def _unscaled(self, sft_loss: torch.Tensor, num_items_in_batch) -> float:
-        """The SFT loss of this micro-batch as a per-token mean, for logging."""
+        """The SFT loss of this micro-batch as a per-token mean, for logging.
+
+        With several processes and tokens counted across devices, this rank's value is its share of the
+        global per-token mean times the number of processes (as HF scales it); the mean over ranks taken in
+        :meth:`_mean_over_ranks` is then the global per-token mean.
+        """
         value = float(sft_loss.detach())
         if self._sft_is_presummed(num_items_in_batch):
             value *= max(1, self.current_gradient_accumulation_steps)
-            if getattr(self.args, "average_tokens_across_devices", False):
-                value /= max(1, self.accelerator.num_processes)
         return value

@@ -12,7 +12,7 @@ the rows that hold regularized tokens, truncated after the last such token.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -149,6 +149,8 @@ class KVRegularizer(CapturingRegularizer):
         return ReferenceRequest(rows=rows, length=length)
 
     def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
+        if self._cache is not None or self._ref is None:
+            return nullcontext()  # cached prefix reference; the pass was requested by another regularizer
         pairs = self._selection.nonzero()
         index = sub.flat_index(pairs[:, 0], pairs[:, 1])
         return Keep(self, "_ref_captured", self._ref.armed(index))
