@@ -142,6 +142,14 @@ class TReFTArgs(BaseModel):
         treft = data["treft"]
         if not isinstance(treft, dict):
             return data
+        kl_block = treft.get("kl")
+        if isinstance(kl_block, dict) and True in kl_block:  # YAML 1.1 reads a bare `on:` key as True
+            kl_block["on"] = kl_block.pop(True)
+        if treft.get("kv") and data.get("lora_qkv_kernel"):
+            raise ValueError(
+                "treft.kv: `lora_qkv_kernel: true` fuses q/k/v and bypasses the k_proj/v_proj modules TReFT hooks; "
+                "set `lora_qkv_kernel: false`"
+            )
         n_layers = _num_layers(data.get("base_model"))
         for key in ("kv", "feature_l2"):
             block = treft.get(key) or {}

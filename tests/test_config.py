@@ -78,6 +78,17 @@ def test_empty_retain_file_is_rejected(smollm2_dir, tmp_path):
         validate(make_cfg(smollm2_dir, tmp_path, treft))
 
 
+def test_bare_yaml_on_key_and_qkv_kernel(smollm2_dir, tmp_path):
+    import yaml
+
+    kl = yaml.safe_load("weight: 0.1\non: train\ntokens: response")  # `on` parses as the boolean True
+    assert True in kl
+    cfg = validate(make_cfg(smollm2_dir, tmp_path, {"kl": kl}))
+    assert cfg.treft.kl.on == "train" and cfg.treft.kl.tokens == "response"
+    with pytest.raises(ValueError, match="lora_qkv_kernel"):
+        validate(make_cfg(smollm2_dir, tmp_path, {"kv": {"weight": 1.0}}, lora_qkv_kernel=True))
+
+
 def test_gradient_checkpointing_defaults_to_non_reentrant(smollm2_dir, tmp_path):
     cfg = validate(make_cfg(smollm2_dir, tmp_path, {"kv": {"weight": 1.0}}, gradient_checkpointing=True))
     assert cfg.gradient_checkpointing_kwargs["use_reentrant"] is False
