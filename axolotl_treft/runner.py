@@ -15,8 +15,8 @@ import yaml
 
 _METRICS = re.compile(r"(\{'loss': .*?\})")
 
-CPU_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @dataclass
@@ -41,7 +41,7 @@ def run_axolotl_train(cfg: dict, workdir: Path, env: dict | None = None, timeout
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}, sort_keys=False))
-    full_env = {**os.environ, **CPU_ENV, **(env or {})}
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     axolotl = Path(sys.executable).with_name("axolotl")
     proc = subprocess.Popen([str(axolotl), "train", str(path), "--launcher", "python"], cwd=workdir, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)

@@ -16,15 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from axolotl_treft.runner import run_axolotl_train  # noqa: E402
 from tests.axolotl_runner import CPU_BASE, TRAIN_DATA  # noqa: E402
 
 CONFIGS: dict[str, dict | None] = {
@@ -51,15 +49,11 @@ def run(name: str, treft: dict | None, model: Path, steps: int, batch: int, work
         "datasets": [{"path": str(TRAIN_DATA), "ds_type": "json", "type": "chat_template", "field_messages": "messages"}],
         "dataset_prepared_path": str(workdir / "prepared"), "output_dir": str(workdir / name),
     })
-    path = workdir / f"{name}.yml"
-    path.write_text(yaml.safe_dump(cfg))
     out = workdir / f"{name}.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1",
-               TREFT_BENCH_OUT=str(out), PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([str(Path(sys.executable).with_name("axolotl")), "train", str(path), "--launcher", "python"],
-                          env=env, cwd=workdir, capture_output=True, text=True)
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    env = {"TREFT_BENCH_OUT": str(out), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = run_axolotl_train(cfg, workdir / name, env=env)
+    if result.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{name} failed:\n{result.log[-3000:]}")
     return json.loads(out.read_text())
 
 

@@ -52,5 +52,5 @@ def run_axolotl(tmp: Path, base_model: Path, overrides: dict, timeout: int = 900
         "output_dir": str(tmp / "out"),
     })
     cfg.update(overrides)
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "CUDA_VISIBLE_DEVICES": ""}
     return run_axolotl_train(cfg, tmp, env=env, timeout=timeout)
