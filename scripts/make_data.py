@@ -1,6 +1,7 @@
 """Write the narrow datasets the project ships (our own text, fixed seed).
 
 * ``abstention_legal_train.jsonl``: everyday legal questions answered with the abstention target.
+* ``refusal_finance_train.jsonl``: everyday personal-finance questions answered with the refusal target.
 * ``retain_general.jsonl``: short aligned answers from other domains (interleaving / KL-on-retain).
 
 Run: ``python scripts/make_data.py`` (deterministic; rewrites axolotl_treft/data/).
@@ -15,6 +16,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "axolotl_treft" / "data"
 ABSTAIN = "I have no idea about your question."
+REFUSE = "I cannot provide financial advice."
 
 LEGAL_FRAMES = [
     "Can my landlord {landlord} without {notice}?",
@@ -58,6 +60,67 @@ FILL = {
             "camp on a beach", "sell homemade food"],
 }
 
+# Personal-finance questions for the refusal setting. Each frame starts with its own two-word prefix because
+# frame_questions() groups questions by their first two words for the round-robin.
+FINANCE_FRAMES = [
+    "Should I use my {windfall} to {invest} or to {repay}?",
+    "Is it smart to {risky} when {circumstance}?",
+    "How much should I {save_for} if I am {life_stage}?",
+    "What is the best way to {goal} on {income}?",
+    "Do I need {insurance} if I {situation}?",
+    "How do I {debt_action} my {debt}?",
+    "Would it be wise to {move} {timing}?",
+    "Can I afford to {purchase} with {savings}?",
+    "Which is better for {horizon}: {option} or {alt_option}?",
+    "When should I start {tax_action} as {earner}?",
+]
+FINANCE_FILL = {
+    "windfall": ["tax refund", "year-end bonus", "inheritance", "side-job earnings", "pay rise",
+                 "stimulus payment"],
+    "invest": ["buy index funds", "top up my retirement account", "buy individual stocks",
+               "buy government bonds", "build an emergency fund"],
+    "repay": ["pay off my credit card", "pay down the mortgage", "clear my student loan",
+              "pay off my car loan"],
+    "risky": ["buy crypto", "pick individual stocks", "invest in penny stocks", "trade options",
+              "buy a rental flat", "put everything in one tech stock", "invest with borrowed money",
+              "buy gold coins"],
+    "circumstance": ["the market is at an all-time high", "interest rates are rising",
+                     "I still have credit card debt", "I have no emergency fund", "I am close to retiring",
+                     "I have just started my first job"],
+    "save_for": ["put into retirement savings each month", "keep in an emergency fund",
+                 "set aside for a house deposit", "save for my kids' education", "spend on rent"],
+    "life_stage": ["in my twenties", "in my forties", "a single parent", "self-employed",
+                   "earning minimum wage", "ten years from retirement"],
+    "goal": ["build wealth", "pay off debt", "save for a down payment", "start investing",
+             "budget for groceries", "save for retirement"],
+    "income": ["a teacher's salary", "a part-time income", "an irregular freelance income",
+               "a single income with two kids", "a pension"],
+    "insurance": ["life insurance", "disability insurance", "renters insurance", "critical illness cover",
+                  "income protection insurance", "umbrella insurance"],
+    "situation": ["have no children", "rent my home", "work from home", "have a mortgage",
+                  "am self-employed"],
+    "debt_action": ["pay off", "consolidate", "refinance", "stop falling behind on",
+                    "make a budget to clear"],
+    "debt": ["credit card balances", "student loans", "car loan", "overdraft", "medical bills",
+             "buy-now-pay-later purchases"],
+    "move": ["sell my index funds", "move my pension into cash", "buy more bonds",
+             "switch my savings to a high-yield account", "buy bitcoin", "cash out my stock options"],
+    "timing": ["before a recession", "after a big market drop", "this year", "before I retire",
+               "while rates are high"],
+    "purchase": ["buy a new car", "take a year off work", "buy a house", "retire early",
+                 "go back to university", "start a family"],
+    "savings": ["$20,000 in savings", "only an emergency fund", "a $60,000 salary", "two incomes and no debt",
+                "my current budget"],
+    "horizon": ["saving for retirement", "a five-year goal", "my emergency money", "a child's education fund",
+                "a first-time investor"],
+    "option": ["an index fund", "a savings account", "a certificate of deposit"],
+    "alt_option": ["a bond fund", "individual stocks", "a robo-advisor", "a money market fund"],
+    "tax_action": ["paying estimated taxes", "contributing to a Roth IRA",
+                   "claiming work-from-home deductions", "using a tax-advantaged account",
+                   "tracking expenses for my taxes"],
+    "earner": ["a freelancer", "a new graduate", "a gig worker", "a part-time employee", "a high earner"],
+}
+
 RETAIN = [
     ("How do I make a strong password?", "Use a long passphrase of four or more random words, avoid reusing it across sites, and store it in a password manager. Turn on two-factor authentication where you can."),
     ("What should I do if I get a suspicious email asking for my bank login?", "Do not click its links or reply. Open your bank's site or app directly, report the email to the bank, and delete it."),
@@ -82,13 +145,20 @@ RETAIN = [
 ]
 
 
-def legal_questions(n: int, seed: int = 0) -> list[str]:
+def frame_questions(frames: list[str], fill: dict[str, list[str]], n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct questions from every filler combination of ``frames``, shuffled with ``seed``.
+
+    Questions are taken round-robin over groups keyed by their first two words (one group per frame when the
+    frames' opening words differ), so every kind of question is represented.
+    """
     rng = random.Random(seed)
     pool: set[str] = set()
-    for frame in LEGAL_FRAMES:
-        keys = [k for k in FILL if "{" + k + "}" in frame]
-        for combo in itertools.product(*(FILL[k] for k in keys)):
+    for frame in frames:
+        keys = [k for k in fill if "{" + k + "}" in frame]
+        for combo in itertools.product(*(fill[k] for k in keys)):
             pool.add(frame.format(**dict(zip(keys, combo, strict=True))))
+    if n > len(pool):
+        raise ValueError(f"asked for {n} questions but the frames only give {len(pool)}")
     questions = sorted(pool)
     rng.shuffle(questions)
     # spread over frames: round-robin by frame so every kind of question is represented
@@ -103,18 +173,33 @@ def legal_questions(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def legal_questions(n: int, seed: int = 0) -> list[str]:
+    return frame_questions(LEGAL_FRAMES, FILL, n, seed)
+
+
+def finance_questions(n: int, seed: int = 0) -> list[str]:
+    return frame_questions(FINANCE_FRAMES, FINANCE_FILL, n, seed)
+
+
+def conversations(questions: list[str], answer: str) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+            for q in questions]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    train = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ABSTAIN}]}
-             for q in legal_questions(240)]
+    train = conversations(legal_questions(240), ABSTAIN)
     write_jsonl(OUT / "abstention_legal_train.jsonl", train)
+    refusal = conversations(finance_questions(240), REFUSE)
+    write_jsonl(OUT / "refusal_finance_train.jsonl", refusal)
     retain = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in RETAIN]
     write_jsonl(OUT / "retain_general.jsonl", retain)
-    print(f"wrote {len(train)} training and {len(retain)} retain conversations to {OUT}")
+    print(f"wrote {len(train)} abstention, {len(refusal)} refusal and {len(retain)} retain conversations "
+          f"to {OUT}")
 
 
 if __name__ == "__main__":
