@@ -72,11 +72,23 @@ class Reference:
             if was_training:
                 model.train()
 
-    def forward(self, inputs: dict[str, torch.Tensor], logits: bool, allow_initial_policy: bool = False):
-        """Run the reference; return full logits if asked (else only what the hooks capture)."""
-        with self.active(allow_initial_policy) as model:
-            out = model(**inputs, use_cache=False, logits_to_keep=0 if logits else 1)
-        return out.logits if logits else None
+    def forward(self, inputs: dict[str, torch.Tensor], logits: bool, allow_initial_policy: bool = False,
+                keep: torch.Tensor | None = None):
+        """Run the reference; return logits if asked (else only what the hooks capture).
+
+        ``keep`` (flat indices into the [rows × length] positions) computes the output head at those
+        positions only and returns their logits as [N, V] (the head is a large part of a small model's
+        forward, and padding and unselected tokens need none).
+        """
+        with self.active(allow_initial_policy) as runner:
+            gather = nullcontext()
+            if logits and keep is not None:
+                gather = _head_inputs_at(self.model(allow_initial_policy).get_output_embeddings(), keep)
+            with gather:
+                out = runner(**inputs, use_cache=False, logits_to_keep=0 if logits else 1)
+        if not logits:
+            return None
+        return out.logits.reshape(-1, out.logits.shape[-1]) if keep is not None else out.logits
 
     _frozen_engine: nn.Module | None = None
 
@@ -113,3 +125,19 @@ class Reference:
         else:
             self._frozen = ref.to(self.trainer.accelerator.device)
         return self._frozen
+
+
+@contextmanager
+def _head_inputs_at(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """While active, ``head`` sees only the hidden states at flat positions ``keep`` (as one [1, N, H] row)."""
+
+    def gather(_module, args):
+        hidden = args[0]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return (flat.index_select(0, keep.to(hidden.device)).unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()

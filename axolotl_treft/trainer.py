@@ -18,7 +18,7 @@ from .collator import SegmentsCollator
 from .log import get_logger
 from .reference import Reference
 from .regularizers import build_regularizers
-from .regularizers.base import ReferenceResult, Regularizer, StepBatch, SubBatch
+from .regularizers.base import ReferenceResult, Regularizer, StepBatch, run_reference_pass
 from .spans import SEGMENTS_KEY
 
 LOG = get_logger(__name__)
@@ -163,19 +163,7 @@ class TReFTTrainer(AxolotlTrainer):
         return dict(zip(metrics, values.tolist(), strict=True))
 
     def _reference_pass(self, batch: StepBatch, regs: list[Regularizer]) -> ReferenceResult | None:
-        request = None
-        for reg in regs:
-            need = reg.reference_request(batch)
-            if need is not None:
-                request = need if request is None else request.merge(need)
-        if request is None:
-            return None
-        sub = SubBatch(rows=request.rows.nonzero().squeeze(-1), length=request.length)
-        with ExitStack() as stack:
-            for reg in regs:
-                stack.enter_context(reg.reference_capture(batch, sub))
-            logits = self._treft_reference.forward(batch.sub_inputs(sub), logits=request.logits)
-        return ReferenceResult(sub=sub, logits=logits)
+        return run_reference_pass(self._treft_reference, batch, regs)
 
     # -- scaling -----------------------------------------------------------------------------------
     def _sft_is_presummed(self, num_items_in_batch) -> bool:

@@ -6,7 +6,12 @@ on the same SmolLM2-135M LoRA model, batch and optimizer, through the same code 
 (captures around the SFT forward, one shared reference pass, the terms, backward, AdamW step), so load
 changes hit all configurations alike. Reported: median step time and the ratio to SFT.
 
-    python bench/bench_interleaved.py --iters 8 --batch 4
+``ref_floor`` is SFT plus one no-grad reference forward with logits at every real token and nothing else:
+the floor under KL on train. Its ratio depends on how much a backward costs relative to a forward (with
+a frozen LoRA base and no gradient checkpointing a backward is about one forward, so the floor is ~1.5×;
+with gradient checkpointing or full finetuning it is ~1.33×). ``--grad-ckpt`` measures the former case.
+
+    python bench/bench_interleaved.py --iters 8 --batch 4 [--grad-ckpt]
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ sys.path.insert(0, str(REPO))
 from axolotl_treft.args import FeatureL2Config, KLConfig, KVConfig  # noqa: E402
 from axolotl_treft.models import materialize_smollm2  # noqa: E402
 from axolotl_treft.reference import Reference  # noqa: E402
-from axolotl_treft.regularizers.base import ReferenceResult, StepBatch, SubBatch  # noqa: E402
+from axolotl_treft.regularizers.base import (  # noqa: E402
+    ReferenceRequest,
+    Regularizer,
+    StepBatch,
+    run_reference_pass,
+)
 from axolotl_treft.regularizers.feature_l2 import FeatureL2Regularizer  # noqa: E402
 from axolotl_treft.regularizers.kl import KLRegularizer  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
@@ -34,12 +44,25 @@ from axolotl_treft.spans import SEGMENTS_KEY, conversation_spans  # noqa: E402
 from tests.reg_harness import fake_trainer, lora_model, padded_batch  # noqa: E402
 
 
+class ReferenceFloor(Regularizer):
+    """Requests the reference pass KL on train needs (logits at every real token) and adds nothing."""
+
+    key = "ref_floor"
+
+    def reference_request(self, batch: StepBatch) -> ReferenceRequest:
+        return ReferenceRequest(rows=batch.valid.any(dim=1), length=batch.input_ids.shape[1], logits=True,
+                                logit_pairs=batch.valid.nonzero())
+
+    def compute(self, batch, outputs, reference, model) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32)
+
+
 def build(tok, convs):
     from datasets import Dataset
 
     spans = [conversation_spans(tok, c) for c in convs]
     dataset = Dataset.from_dict({"input_ids": [s.input_ids for s in spans], SEGMENTS_KEY: [s.segments for s in spans]})
-    regs = {"sft": None}
+    regs = {"sft": None, "ref_floor": ReferenceFloor(0.0)}
     for mode in ("prefix", "postfix", "prefix_postfix", "query", "all"):
         regs[f"kv_{mode}"] = KVRegularizer(KVConfig(weight=5.0, tokens=mode), train_dataset=dataset)
     regs["kl_train"] = KLRegularizer(KLConfig(weight=0.5))
@@ -54,12 +77,7 @@ def step(model, opt, reference, reg, inputs, segments):
     else:
         with reg.policy_capture(batch):
             out = model(**inputs, use_cache=False)
-        result, request = None, reg.reference_request(batch)
-        if request is not None:
-            sub = SubBatch(rows=request.rows.nonzero().squeeze(-1), length=request.length)
-            with reg.reference_capture(batch, sub):
-                logits = reference.forward(batch.sub_inputs(sub), logits=request.logits)
-            result = ReferenceResult(sub=sub, logits=logits)
+        result = run_reference_pass(reference, batch, [reg])
         loss = out.loss + reg.weight * reg.compute(batch, out, result, model)
     loss.backward()
     opt.step()
@@ -72,6 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--grad-ckpt", action="store_true", help="non-reentrant gradient checkpointing")
+    parser.add_argument("--configs", default=None, help="comma-separated subset (sft and ref_floor are always included)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -82,10 +102,16 @@ def main() -> None:
         rows = [json.loads(line) for line in f]
     convs = [r["messages"] for r in rows[: args.batch]]
     model = lora_model(model_dir, nonzero_b=False)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     inputs, segments = padded_batch(tok, convs)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     reference = Reference(fake_trainer(model))
     regs = build(tok, convs)
+    if args.configs:
+        wanted = {"sft", "ref_floor", *args.configs.split(",")}
+        regs = {name: reg for name, reg in regs.items() if name in wanted}
     for reg in regs.values():
         if reg is not None:
             reg.setup(model, reference)
@@ -97,13 +123,15 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["sft"][1:])
     print(f"SmolLM2-135M LoRA r=4 (q,k,v,o), batch {args.batch} x {inputs['input_ids'].shape[1]} tokens, "
-          f"{args.iters} interleaved rounds, torch threads {torch.get_num_threads()}")
-    print(f"{'config':<20}{'s/step':>9}{'x SFT':>8}")
+          f"{args.iters} interleaved rounds, torch threads {torch.get_num_threads()}, "
+          f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}")
+    floor = statistics.median(times["ref_floor"][1:])
+    print(f"{'config':<20}{'s/step':>9}{'x SFT':>8}{'x floor':>9}")
     out = []
     for name, values in times.items():
         med = statistics.median(values[1:])
-        out.append({"config": name, "step_s": med, "time_ratio": med / base})
-        print(f"{name:<20}{med:>9.3f}{med / base:>8.3f}")
+        out.append({"config": name, "step_s": med, "time_ratio": med / base, "floor_ratio": med / floor})
+        print(f"{name:<20}{med:>9.3f}{med / base:>8.3f}{med / floor:>9.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from axolotl_treft.reference import Reference
-from axolotl_treft.regularizers.base import ReferenceResult, StepBatch, SubBatch
+from axolotl_treft.regularizers.base import StepBatch, run_reference_pass
 from axolotl_treft.spans import conversation_spans
 
 CONVS = [
@@ -67,13 +67,7 @@ def run_step(reg, model, inputs, segments):
     batch = StepBatch.from_inputs(inputs, segments)
     with reg.policy_capture(batch):
         out = model(**inputs, use_cache=False)  # as in training (Axolotl disables the cache)
-    result = None
-    request = reg.reference_request(batch)
-    if request is not None:
-        sub = SubBatch(rows=request.rows.nonzero().squeeze(-1), length=request.length)
-        with reg.reference_capture(batch, sub):
-            logits = reference.forward(batch.sub_inputs(sub), logits=request.logits)
-        result = ReferenceResult(sub=sub, logits=logits)
+    result = run_reference_pass(reference, batch, [reg])
     term = reg.compute(batch, out, result, model)
     reg.end_step()
     reg.close()

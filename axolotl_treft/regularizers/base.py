@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,14 +16,23 @@ if TYPE_CHECKING:
 
 @dataclass
 class ReferenceRequest:
-    """Which rows of the training batch the reference pass must run on, up to which length."""
+    """Which rows of the training batch the reference pass must run on, up to which length.
+
+    ``logit_pairs`` ([N, 2] (row, position) pairs of the training batch) limits the logits to those
+    positions: the reference's output head then runs on them only. ``None`` with ``logits`` = every position.
+    """
 
     rows: torch.Tensor  # [B] bool
     length: int
     logits: bool = False
+    logit_pairs: torch.Tensor | None = None
 
     def merge(self, other: ReferenceRequest) -> ReferenceRequest:
-        return ReferenceRequest(self.rows | other.rows, max(self.length, other.length), self.logits or other.logits)
+        wanted = [r for r in (self, other) if r.logits]
+        pairs = None
+        if wanted and all(r.logit_pairs is not None for r in wanted):
+            pairs = torch.unique(torch.cat([r.logit_pairs for r in wanted]), dim=0)
+        return ReferenceRequest(self.rows | other.rows, max(self.length, other.length), bool(wanted), pairs)
 
 
 @dataclass
@@ -47,12 +56,19 @@ class ReferenceResult:
     """What the shared reference pass produced: logits (if requested) for the sub-batch rows."""
 
     sub: SubBatch
-    logits: torch.Tensor | None  # [R, L, V]
+    logits: torch.Tensor | None  # [R, L, V], or [N, V] at the sorted flat sub-batch indices ``kept``
+    kept: torch.Tensor | None = None
 
     def logits_at(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Reference logits at training-batch (row, position) pairs: [N, V]."""
-        flat = self.logits.reshape(-1, self.logits.shape[-1])
-        return flat.index_select(0, self.sub.flat_index(rows, positions))
+        flat = self.sub.flat_index(rows, positions)
+        if self.kept is None:
+            return self.logits.reshape(-1, self.logits.shape[-1]).index_select(0, flat)
+        kept = self.kept.to(flat.device)
+        index = torch.searchsorted(kept, flat).clamp_max(len(kept) - 1)
+        if not bool((kept[index] == flat).all()):
+            raise RuntimeError("treft: reference logits were requested at positions the reference pass skipped")
+        return self.logits.index_select(0, index.to(self.logits.device))
 
 
 @dataclass
@@ -179,3 +195,23 @@ class CapturingRegularizer(Regularizer):
     def close(self) -> None:
         for cap in {id(c): c for c in (self._policy, self._ref) if c is not None}.values():
             cap.remove()
+
+
+def run_reference_pass(reference: Reference, batch: StepBatch, regs: list[Regularizer]) -> ReferenceResult | None:
+    """The one shared no-grad reference pass of a step: the merged request of ``regs``, their captures armed."""
+    request = None
+    for reg in regs:
+        need = reg.reference_request(batch)
+        if need is not None:
+            request = need if request is None else request.merge(need)
+    if request is None:
+        return None
+    sub = SubBatch(rows=request.rows.nonzero().squeeze(-1), length=request.length)
+    kept = None
+    if request.logits and request.logit_pairs is not None:
+        kept = torch.unique(sub.flat_index(request.logit_pairs[:, 0], request.logit_pairs[:, 1]))
+    with ExitStack() as stack:
+        for reg in regs:
+            stack.enter_context(reg.reference_capture(batch, sub))
+        logits = reference.forward(batch.sub_inputs(sub), logits=request.logits, keep=kept)
+    return ReferenceResult(sub=sub, logits=logits, kept=kept)
