@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __version__ = "0.1.0"
-__all__ = ["TReFTPlugin", "tasks_path", "__version__"]
+__all__ = ["SeedPlugin", "TReFTPlugin", "tasks_path", "__version__"]
 
 
 def tasks_path() -> str:
@@ -25,8 +25,8 @@ def tasks_path() -> str:
 
 def __getattr__(name: str):
     # Lazy, so that `import axolotl_treft` (CLI, lm-eval utils) does not import axolotl and torch.
-    if name == "TReFTPlugin":
-        from .plugin import TReFTPlugin
+    if name in ("TReFTPlugin", "SeedPlugin"):
+        from . import plugin
 
-        return TReFTPlugin
+        return getattr(plugin, name)
     raise AttributeError(name)

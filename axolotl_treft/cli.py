@@ -72,11 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", choices=["legal", "finance", "health", "auto"], default=None,
                    help="in-domain set for ID and EM-F1 (default: the one present, else the mean of all present)")
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("demo", help="train the embedded model with and without TReFT; print the prefix K/V drift")
-    p.add_argument("--out", default="runs/demo", help="run directory (finished runs are reused)")
+    p = sub.add_parser("demo", help="the piggyback study on the embedded model: SFT vs TReFT vs defenses, lm-eval")
+    p.add_argument("--out", default=None,
+                   help="run directory (finished runs are reused; default runs/demo, runs/demo-refusal)")
+    p.add_argument("--setting", choices=["abstention", "refusal"], default="abstention",
+                   help="narrow behaviour: legal → abstention (default) or finance → refusal")
     p.add_argument("--steps", type=int, default=None, help="max steps per run (default: the example's epochs)")
-    p.add_argument("--weight", type=float, default=30.0, help="TReFT λ for the regularized run")
-    p.add_argument("--quick", action="store_true", help="10 steps per run (CI)")
+    p.add_argument("--sweep", default=None, metavar="W1,W2,...",
+                   help="instead of the study: the shipped TReFT setting at each λ, plus SFT; plots the trade-off")
+    p.add_argument("--quick", action="store_true", help="a few steps per run and a 4-document eval (CI)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,92 +1,80 @@
-"""``axolotl-treft demo``: narrow finetuning of the embedded model with and without TReFT.
+"""``axolotl-treft demo``: the piggyback study on the embedded model (the README's main job).
 
-Trains SmolLM2-135M-Instruct (LoRA) on the shipped legal-abstention data twice with the real
-``axolotl train`` and the example config: plain SFT (the TReFT term only *measured*, weight 0) and
-TReFT. Prints how far the chat-template prefix K/V drifted from the initial model in each run. Runs are
-resumable: a finished run's figures are kept in ``OUT/<run>/metrics.json`` and not redone.
+Trains SmolLM2-135M-Instruct (LoRA) on the shipped legal-abstention data with the real ``axolotl train``
+and the shipped example config — plain SFT, TReFT in each template-token mode, data interleaving and KL
+— evaluates each run with ``lm_eval`` (``offtopic_abstention``), and prints one table. Writes
+``study.json`` (figures, settings, versions), ``study.md`` (the table as in the README) and ``study.png``.
+``--sweep 1,10,30,100`` instead trains the shipped TReFT setting at each λ and plots the trade-off curve.
+Finished runs are reused (``OUT/<run>/train.json``, ``eval.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
-import time
-from importlib import resources
+import shlex
+import sys
 from pathlib import Path
 
-import yaml
-
 from .models import materialize_smollm2
-from .runner import run_axolotl_train
+from .study import (
+    EVAL_MAX_GEN_TOKS,
+    NARROW_SETTINGS,
+    format_table,
+    markdown_table,
+    plot_runs,
+    plot_sweep,
+    run_all,
+    study_runs,
+    sweep_runs,
+    versions,
+)
 
-EXAMPLE = "smollm2-135m-abstention-treft.yml"
-
-
-def example_config(repo_file: str = EXAMPLE) -> dict:
-    path = Path(__file__).resolve().parents[1] / "example_yamls" / repo_file
-    return yaml.safe_load(path.read_text())
-
-
-def train_data() -> str:
-    return str(resources.files("axolotl_treft") / "data" / "abstention_legal_train.jsonl")
-
-
-def demo_runs(weight: float) -> dict[str, dict]:
-    """The two runs: identical configs except the TReFT weight. Drift is measured on the prefix K/V."""
-    return {
-        "sft": {"kv": {"weight": 0.0, "tokens": "prefix"}},
-        "treft": {"kv": {"weight": weight, "tokens": "prefix"}},
-    }
+QUICK_STEPS = 3  # per training run
+QUICK_LIMIT = 4  # documents per eval (on/off-topic interleaved, so 2 + 2)
 
 
-def run_one(name: str, treft: dict, out: Path, model: Path, steps: int | None) -> dict:
-    done = out / name / "metrics.json"
-    if done.exists():
-        print(f"[{name}] already finished, reusing {done}")
-        return json.loads(done.read_text())
-    cfg = example_config()
-    cfg.update({
-        "base_model": str(model),
-        "treft": treft,
-        "datasets": [{**cfg["datasets"][0], "path": train_data()}],
-        "dataset_prepared_path": str(out / "prepared"),
-        "output_dir": str(out / name / "adapter"),
-    })
-    if steps:
-        cfg["max_steps"] = steps
-    print(f"[{name}] training ({'max_steps ' + str(steps) if steps else str(cfg['num_epochs']) + ' epochs'}) ...",
-          flush=True)
-    start = time.time()
-
-    def progress(line: str) -> None:
-        if line.startswith("{'loss'"):
-            print(f"[{name}] {line.strip()[:160]}", flush=True)
-
-    result = run_axolotl_train(cfg, out / name, on_line=progress)
-    if result.returncode != 0:
-        raise SystemExit(f"[{name}] axolotl train failed; see {out / name / 'train.log'}")
-    figures = {
-        "prefix_kv_drift": result.series("treft/kv")[-1],
-        "sft_loss": result.series("treft/sft")[-1],
-        "steps": len(result.steps),
-        "train_seconds": round(time.time() - start, 1),
-    }
-    done.write_text(json.dumps(figures, indent=1))
-    return figures
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError as err:
+        raise SystemExit(f"--sweep: expected comma-separated numbers such as 1,10,30,100, got {text!r}") from err
+    if not weights or any(w <= 0 for w in weights):
+        raise SystemExit(f"--sweep: weights must be > 0 (λ=0 is the SFT run, always included), got {text!r}")
+    return weights
 
 
 def main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    steps = 10 if args.quick else args.steps
+    setting = NARROW_SETTINGS[args.setting]
+    out = Path(args.out or ("runs/demo" if args.setting == "abstention" else f"runs/demo-{args.setting}")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    max_steps = QUICK_STEPS if args.quick else args.steps
+    limit = QUICK_LIMIT if args.quick else None
+    weights = parse_weights(args.sweep) if args.sweep else None
+    runs = sweep_runs(weights) if weights else study_runs()
     model = materialize_smollm2()
-    figures = {name: run_one(name, treft, out, model, steps) for name, treft in demo_runs(args.weight).items()}
-    sft, treft = figures["sft"]["prefix_kv_drift"], figures["treft"]["prefix_kv_drift"]
-    print("\nPrefix K/V drift from the initial model (mean relative squared error, all layers):")
-    print(f"{'run':<8}{'prefix K/V drift':>18}{'SFT loss':>10}{'steps':>7}{'seconds':>9}")
-    for name, f in figures.items():
-        print(f"{name:<8}{f['prefix_kv_drift']:>18.6f}{f['sft_loss']:>10.4f}{f['steps']:>7}{f['train_seconds']:>9}")
-    ratio = treft / sft if sft else float("nan")
-    print(f"TReFT (λ={args.weight:g}) keeps the prefix K/V {1 / ratio:.0f}x closer to the initial model than plain SFT."
-          if sft and treft else "")
-    (out / "summary.json").write_text(json.dumps({"runs": figures, "drift_ratio": ratio}, indent=1))
+    print(f"Study: {len(runs)} runs ({', '.join(r.name for r in runs)}) → {out}", flush=True)
+    rows = run_all(runs, model, out, max_steps, limit, setting, log=lambda line: print(line, flush=True))
+
+    meta = {
+        "command": "axolotl-treft demo " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else []),
+        "date": dt.date.today().isoformat(),
+        "versions": versions(),
+        "steps_note": f"max {max_steps} steps per run" if max_steps else "each run: the example config's epochs",
+        "eval_note": f"greedy, max {EVAL_MAX_GEN_TOKS} new tokens" + (f", first {limit} documents" if limit else ""),
+        "model": str(model),
+        "eval_task": setting.task,
+        "setting": args.setting,
+    }
+    stem = "sweep" if weights else "study"
+    print("\n" + format_table(rows))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, default=str))
+    (out / f"{stem}.md").write_text(markdown_table(rows, meta) + "\n")
+    if weights:
+        lam = {"sft": 0.0, **{r.name: r.treft["kv"]["weight"] for r in runs if r.treft}}
+        png = plot_sweep(rows, lam, out / "sweep.png", setting)
+    else:
+        png = plot_runs(rows, out / "study.png", setting)
+    print(f"\nwrote {out / (stem + '.json')}, {out / (stem + '.md')}, {png}")
     return 0

@@ -79,3 +79,17 @@ class TReFTPlugin(BasePlugin):
             from .safelora import apply_after_training
 
             apply_after_training(cfg)
+
+
+class SeedPlugin(BasePlugin):
+    """Seeds torch with the config's ``seed`` right before the model loads.
+
+    Axolotl seeds only when it builds the trainer, after the LoRA weights were initialized from a torch RNG
+    state that differs between processes, so two runs of one config start from different adapters. With
+    this plugin the adapter initialization, and with it the whole run, is reproducible.
+    """
+
+    def pre_model_load(self, cfg) -> None:
+        import torch
+
+        torch.manual_seed(int(cfg.seed if cfg.seed is not None else 42))

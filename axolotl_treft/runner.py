@@ -39,6 +39,7 @@ def run_axolotl_train(cfg: dict, workdir: Path, env: dict | None = None, timeout
                       on_line: Callable[[str], None] | None = None) -> RunResult:
     """Write ``cfg`` to ``workdir/config.yml`` and run ``axolotl train`` on it (in-process launcher)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir.resolve()
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}, sort_keys=False))
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}

@@ -25,7 +25,7 @@ from tests.axolotl_runner import CPU_BASE, REPO, TRAIN_DATA
 
 DS_CONFIGS = REPO / "example_yamls" / "deepspeed"
 SHIM = "tests.ds_cpu_shim.CPUDeepSpeed"
-SEED = "tests.seeding.SeedModelLoad"
+SEED = "axolotl_treft.SeedPlugin"
 PLUGIN = "axolotl_treft.TReFTPlugin"
 _DECODER = json.JSONDecoder()
 

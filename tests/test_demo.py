@@ -1,28 +1,105 @@
-"""The README's main job, in its quick mode: two real trainings and the drift table."""
+"""The README's main job (the piggyback study), end to end in its quick mode: real trainings, real lm_eval."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from axolotl_treft.demo import QUICK_STEPS, parse_weights
+from axolotl_treft.study import study_runs
+
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_quick_prints_drift_with_and_without_treft(tmp_path):
-    cli = Path(sys.executable).with_name("axolotl-treft")
-    proc = subprocess.run([str(cli), "demo", "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Prefix K/V drift from the initial model" in proc.stdout
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    sft, treft = summary["runs"]["sft"], summary["runs"]["treft"]
-    assert sft["steps"] == treft["steps"] == 10
-    assert sft["prefix_kv_drift"] > 0 and treft["prefix_kv_drift"] < sft["prefix_kv_drift"]
-    # resumable: a second invocation reuses both finished runs
-    again = subprocess.run([str(cli), "demo", "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0 and again.stdout.count("already finished") == 2
+def readme_main_command() -> list[str]:
+    """The README's first set-up command, minus its `bash scripts/setup.sh &&` part."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"^bash scripts/setup\.sh && (\.venv/bin/axolotl-treft demo[^\n]*)$", text, re.M)
+    assert match, "README must give `bash scripts/setup.sh && .venv/bin/axolotl-treft demo` as its main command"
+    argv = shlex.split(match.group(1))
+    return [str(Path(sys.executable).with_name("axolotl-treft")), *argv[1:]]
+
+
+def run(argv: list[str], timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    proc = run([*readme_main_command(), "--quick", "--out", str(out)], timeout=2400)
+    return out, proc
+
+
+def test_quick_study_trains_every_run_and_writes_table_plot_json(quick_study):
+    out, proc = quick_study
+    names = [r.name for r in study_runs()]
+    assert {"sft", "treft_prefix", "treft_postfix", "treft_prefix_postfix", "interleave", "kl"} <= set(names)
+    study = json.loads((out / "study.json").read_text())
+    assert list(study["runs"]) == names
+    for name, row in study["runs"].items():
+        assert row["steps"] == QUICK_STEPS, name
+        assert 0.0 <= row["on_topic_rate"] <= 1.0 and 0.0 <= row["off_topic_rate"] <= 1.0, name
+        assert (out / name / "lm_eval").is_dir() and (out / name / "adapter" / "adapter_config.json").exists()
+    # the plugin really ran in the defended runs: their terms were logged
+    assert study["runs"]["treft_postfix"]["final_terms"]["treft/kv"] > 0
+    assert "treft/kl" in study["runs"]["kl"]["final_terms"]
+    assert "treft/kv" not in study["runs"]["sft"]["final_terms"]
+    assert "retain examples" in (out / "interleave" / "train.log").read_text()
+    assert "off-topic vs SFT" in proc.stdout and "TReFT" in proc.stdout
+    assert (out / "study.png").stat().st_size > 10_000
+    md = (out / "study.md").read_text()
+    assert study["meta"]["date"] in md and "axolotl " + study["meta"]["versions"]["axolotl"] in md
+
+
+def test_study_is_resumable_and_sweep_reuses_the_sft_run(quick_study):
+    out, _ = quick_study
+    again = run([*readme_main_command(), "--quick", "--out", str(out)], timeout=600)
+    n = len(study_runs())
+    assert again.stdout.count("training already finished") == n
+    assert again.stdout.count("evaluation already finished") == n
+    sweep = run([*readme_main_command(), "--quick", "--out", str(out), "--sweep", "3"], timeout=1200)
+    assert sweep.stdout.count("already finished") == 2  # SFT trained and evaluated with the same settings
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["runs"]) == 2 and (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_settings_change_is_refused_not_overwritten(quick_study):
+    out, _ = quick_study
+    before = (out / "sft" / "train.json").read_text()
+    proc = subprocess.run([*readme_main_command(), "--steps", "5", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode != 0 and "other settings" in proc.stdout + proc.stderr
+    assert (out / "sft" / "train.json").read_text() == before
+
+
+def test_sweep_weights_are_validated():
+    assert parse_weights("1, 10,30") == [1.0, 10.0, 30.0]
+    for bad in ("0,1", "a,b", ""):
+        with pytest.raises(SystemExit):
+            parse_weights(bad)
+
+
+def test_each_narrow_setting_trains_on_its_own_shipped_data(tmp_path):
+    from axolotl_treft.study import NARROW_SETTINGS, run_config
+
+    seen = set()
+    for name, setting in NARROW_SETTINGS.items():
+        cfg = run_config(study_runs()[0], Path("model"), tmp_path, None, setting)
+        path = Path(cfg["datasets"][0]["path"])
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == 240 and name in setting.behaviour
+        assert {r["messages"][-1]["content"] for r in rows} == {
+            "I have no idea about your question." if name == "abstention" else "I cannot provide financial advice."}
+        assert cfg["plugins"] == ["axolotl_treft.SeedPlugin"] and "treft" not in cfg  # the SFT twin
+        seen.add(path)
+    assert len(seen) == len(NARROW_SETTINGS)

@@ -10,7 +10,7 @@ from tests.axolotl_runner import run_axolotl
 
 pytestmark = pytest.mark.slow
 PLUGIN = ["axolotl_treft.TReFTPlugin"]
-SEED = "tests.seeding.SeedModelLoad"  # pins LoRA init so runs compare bit for bit
+SEED = "axolotl_treft.SeedPlugin"  # pins LoRA init so runs compare bit for bit
 
 
 def assert_ok(run):
