@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     rows = run_all(runs, model, out, max_steps, limit, setting, log=lambda line: print(line, flush=True))
 
     meta = {
-        "command": "axolotl-treft demo " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else []),
+        "command": " ".join(["axolotl-treft demo", shlex.join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else [])]).strip(),
         "date": dt.date.today().isoformat(),
         "versions": versions(),
         "steps_note": f"max {max_steps} steps per run" if max_steps else "each run: the example config's epochs",

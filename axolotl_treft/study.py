@@ -99,8 +99,10 @@ def study_runs() -> list[StudyRun]:
 
 
 def sweep_runs(weights: Sequence[float]) -> list[StudyRun]:
-    tokens = example_treft()["kv"]["tokens"]
-    return [StudyRun("sft", "SFT (λ=0)", None), *(kv_run(tokens, w) for w in weights)]
+    """SFT and the shipped TReFT setting at each λ (the shipped λ reuses the study's run of it)."""
+    shipped = example_treft()["kv"]
+    return [StudyRun("sft", "SFT (λ=0)", None),
+            *(kv_run(shipped["tokens"], None if w == shipped["weight"] else w) for w in weights)]
 
 
 def run_config(run: StudyRun, model: Path, out: Path, max_steps: int | None,

@@ -82,8 +82,14 @@ def test_settings_change_is_refused_not_overwritten(quick_study):
     assert (out / "sft" / "train.json").read_text() == before
 
 
-def test_sweep_weights_are_validated():
+def test_sweep_weights_are_validated_and_the_shipped_weight_reuses_the_study_run():
     assert parse_weights("1, 10,30") == [1.0, 10.0, 30.0]
+    from axolotl_treft.study import example_treft, sweep_runs
+
+    kv = example_treft()["kv"]
+    names = [r.name for r in sweep_runs([3.0, kv["weight"]])]
+    assert names == ["sft", f"treft_{kv['tokens']}_w3", f"treft_{kv['tokens']}"]
+    assert names[2] in [r.name for r in study_runs()]
     for bad in ("0,1", "a,b", ""):
         with pytest.raises(SystemExit):
             parse_weights(bad)
