@@ -109,3 +109,22 @@ def test_each_narrow_setting_trains_on_its_own_shipped_data(tmp_path):
         assert cfg["plugins"] == ["axolotl_treft.SeedPlugin"] and "treft" not in cfg  # the SFT twin
         seen.add(path)
     assert len(seen) == len(NARROW_SETTINGS)
+
+
+def test_two_runs_of_one_config_give_identical_adapters(tmp_path):
+    """SeedPlugin (in the example) pins the LoRA init: without it Axolotl starts each process differently."""
+    from axolotl_treft.models import materialize_smollm2
+    from axolotl_treft.runner import run_axolotl_train
+    from axolotl_treft.study import run_config
+
+    model = materialize_smollm2()
+    digests, losses = [], []
+    for name in ("a", "b"):
+        cfg = run_config(study_runs()[0], model, tmp_path / name, 2)
+        result = run_axolotl_train(cfg, tmp_path / name / "sft", timeout=900)
+        assert result.returncode == 0, result.log[-3000:]
+        assert "Plugin loaded successfully: axolotl_treft.SeedPlugin" in result.log
+        losses.append(result.series("grad_norm"))
+        digests.append((tmp_path / name / "sft" / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    assert digests[0] == digests[1]
