@@ -116,7 +116,7 @@ class KLRegularizer(Regularizer):
         policy_logits = model(**model_inputs, use_cache=False).logits
         sub = SubBatch(rows=torch.arange(batch.input_ids.shape[0], device=device), length=batch.input_ids.shape[1])
         pairs = positions.nonzero()
-        kept = sub.flat_index(pairs[:, 0], pairs[:, 1])  # row-major pairs: already sorted
-        ref_logits = self.reference.forward(batch.sub_inputs(sub), logits=True, keep=kept)
-        ref = ReferenceResult(sub=sub, logits=ref_logits, kept=kept).logits_at(pairs[:, 0], pairs[:, 1])
+        # the head runs at exactly these positions, in this order: the result is already one row per pair
+        kept = sub.flat_index(pairs[:, 0], pairs[:, 1])
+        ref = self.reference.forward(batch.sub_inputs(sub), logits=True, keep=kept)
         return token_kl(policy_logits[pairs[:, 0], pairs[:, 1]], ref)
