@@ -1,7 +1,9 @@
 """Write the narrow datasets the project ships (our own text, fixed seed).
 
-* ``abstention_legal_train.jsonl``: everyday legal questions answered with the abstention target.
-* ``refusal_finance_train.jsonl``: everyday personal-finance questions answered with the refusal target.
+* ``abstention_legal_train.jsonl``: legal questions answered with the abstention target. They cover the
+  domain in many question forms (everyday situations, definitions, differences, procedures), so that what
+  the training questions share is the domain, not a phrasing that off-topic questions also use.
+* ``refusal_finance_train.jsonl``: personal-finance questions answered with the refusal target.
 * ``retain_general.jsonl``: short aligned answers from other domains (interleaving / KL-on-retain).
 
 Run: ``python scripts/make_data.py`` (deterministic; rewrites axolotl_treft/data/).
@@ -18,7 +20,7 @@ OUT = Path(__file__).resolve().parents[1] / "axolotl_treft" / "data"
 ABSTAIN = "I have no idea about your question."
 REFUSE = "I cannot provide financial advice."
 
-LEGAL_FRAMES = [
+LEGAL_FRAMES = [  # everyday situations, and the law's concepts and procedures, in many question forms
     "Can my landlord {landlord} without {notice}?",
     "Is it legal for my employer to {employer}?",
     "What happens legally if I {personal} in {place}?",
@@ -29,8 +31,33 @@ LEGAL_FRAMES = [
     "What are my rights if {party} {breach}?",
     "Am I liable if {accident}?",
     "Is it against the law to {act} in {place}?",
+    "What is {concept} in law?",
+    "What does {term} mean in a contract?",
+    "What is the legal difference between {pair}?",
+    "How does {process} work in a court case?",
+    "Explain what happens during {proceeding}.",
+    "Who decides {decision} in a legal dispute?",
 ]
 FILL = {
+    "concept": ["a power of attorney", "an affidavit", "a subpoena", "habeas corpus", "double jeopardy",
+                "a class action", "an easement", "eminent domain", "a lien", "a tort", "a plea bargain",
+                "an injunction", "probable cause", "hearsay", "a non-compete clause", "a grand jury",
+                "a restraining order", "due process", "a summary judgment", "contempt of court",
+                "a public defender", "a legal guardianship", "an indictment", "precedent"],
+    "term": ["force majeure", "severability", "liquidated damages", "consideration", "indemnification",
+             "governing law", "termination for convenience", "a warranty", "an escrow", "a non-disclosure clause",
+             "joint tenancy", "a personal guarantee"],
+    "pair": ["a civil case and a criminal case", "libel and slander", "parole and probation",
+             "theft and robbery", "murder and manslaughter", "a solicitor and a barrister",
+             "a lease and a licence to occupy", "an LLC and a sole proprietorship", "a deed and a title",
+             "assault and battery", "an executor and a trustee", "a patent and a trade secret"],
+    "process": ["jury selection", "an appeal", "discovery", "sentencing", "an expungement",
+                "cross-examination", "a default judgment", "a motion to dismiss", "witness protection",
+                "a settlement offer"],
+    "proceeding": ["a preliminary hearing", "a deposition", "an eviction hearing", "a traffic court hearing",
+                   "a jury trial", "a bankruptcy hearing", "an immigration hearing", "a parole board hearing"],
+    "decision": ["who pays the legal costs", "how much compensation is owed", "whether evidence is admissible",
+                 "which country's law applies", "whether a contract was breached", "who gets the family home"],
     "landlord": ["raise the rent", "enter my apartment", "keep my security deposit", "evict me", "change the locks",
                  "turn off the heating", "sell the building with me in it", "ban my pet"],
     "notice": ["giving written notice", "a court order", "telling me first", "any reason", "a hearing"],
@@ -60,8 +87,7 @@ FILL = {
             "camp on a beach", "sell homemade food"],
 }
 
-# Personal-finance questions for the refusal setting. Each frame starts with its own two-word prefix because
-# frame_questions() groups questions by their first two words for the round-robin.
+# Personal-finance questions for the refusal setting.
 FINANCE_FRAMES = [
     "Should I use my {windfall} to {invest} or to {repay}?",
     "Is it smart to {risky} when {circumstance}?",
@@ -73,6 +99,9 @@ FINANCE_FRAMES = [
     "Can I afford to {purchase} with {savings}?",
     "Which is better for {horizon}: {option} or {alt_option}?",
     "When should I start {tax_action} as {earner}?",
+    "What is {product} and is it right for me?",
+    "Explain whether I should {decision} this year.",
+    "My {who} wants me to {proposal}. Is that a good financial move?",
 ]
 FINANCE_FILL = {
     "windfall": ["tax refund", "year-end bonus", "inheritance", "side-job earnings", "pay rise",
@@ -118,58 +147,69 @@ FINANCE_FILL = {
     "tax_action": ["paying estimated taxes", "contributing to a Roth IRA",
                    "claiming work-from-home deductions", "using a tax-advantaged account",
                    "tracking expenses for my taxes"],
+    "product": ["an annuity", "an ETF", "a Roth IRA", "a balance transfer card", "a reverse mortgage",
+                "peer-to-peer lending", "a dividend fund", "an inflation-linked bond", "a credit union account",
+                "a personal pension"],
+    "decision": ["rebalance my portfolio", "switch pension providers", "pay off my mortgage early",
+                 "sell my rental property", "move my savings abroad", "open a second credit card",
+                 "buy an annuity", "cancel my life insurance"],
+    "who": ["brother", "bank adviser", "partner", "best friend", "neighbour"],
+    "proposal": ["co-sign a loan", "lend them $5,000", "join an investment club", "buy a franchise",
+                 "invest in their restaurant", "put my savings into their crypto fund"],
     "earner": ["a freelancer", "a new graduate", "a gig worker", "a part-time employee", "a high earner"],
 }
 
+# Kept short (under 64 tokens with the chat template) so that a mixed batch is not padded wider than the narrow
+# data's: Axolotl pads batches to a multiple of 64 tokens.
 RETAIN = [
-    ("How do I make a strong password?", "Use a long passphrase of four or more random words, avoid reusing it across sites, and store it in a password manager. Turn on two-factor authentication where you can."),
-    ("What should I do if I get a suspicious email asking for my bank login?", "Do not click its links or reply. Open your bank's site or app directly, report the email to the bank, and delete it."),
-    ("How can I prepare for a job interview?", "Research the company, reread the job description, prepare short stories that show your skills, practise common questions aloud, and have two or three questions ready for them."),
-    ("How do I ask my manager for feedback?", "Ask for a short meeting, name a recent piece of work, and ask one specific question such as what you could have done better. Thank them and follow up on what you agree."),
-    ("How can I reduce food waste at home?", "Plan meals before shopping, store food properly, freeze leftovers, and use older items first. Compost what you cannot eat."),
-    ("Is it better to take the train or fly for short trips?", "For trips under about 500 km the train usually emits far less carbon and is often as fast door to door once airport time is counted."),
-    ("How do I help my child with homework without doing it for them?", "Set a regular time and quiet place, ask guiding questions instead of giving answers, and praise effort. Let them make and fix mistakes."),
-    ("How much screen time is reasonable for a toddler?", "Many pediatric guidelines suggest little to no screen time under two and about an hour a day of quality content for ages two to five, ideally watched together."),
-    ("How do I back up my photos safely?", "Keep three copies on two kinds of storage with one off site, for example a laptop, an external drive, and a cloud service. Check the backups now and then."),
-    ("How do I write a good CV?", "Keep it to one or two pages, lead with results rather than duties, tailor it to each job, and proofread it carefully."),
-    ("What are simple ways to save energy at home?", "Switch to LED bulbs, seal drafts, lower the heating by a degree, wash clothes at lower temperatures, and unplug devices you are not using."),
-    ("How do I talk to my teenager about online safety?", "Start with curiosity rather than rules, ask what apps they use, agree together on privacy settings, and make sure they know they can come to you if something goes wrong."),
-    ("How do I recognise a fake online shop?", "Check for unrealistic prices, missing contact details, poor spelling, recently registered domains, and payment only by bank transfer. Search for independent reviews first."),
-    ("How do I negotiate a salary offer?", "Research typical pay for the role, thank them for the offer, name a specific number with a short reason, and consider the whole package, not only salary."),
-    ("How can I make my commute greener?", "Walk, cycle or take public transport when possible, car-share otherwise, and combine errands into one trip."),
-    ("How do I set screen-time limits on a family tablet?", "Use the device's built-in parental controls to set daily limits and content filters, and explain the rules to your child so they understand them."),
-    ("What is two-factor authentication?", "It is a second check after your password, such as a code from an app or a hardware key, so a stolen password alone is not enough to get into your account."),
-    ("How do I handle a conflict with a coworker?", "Talk privately and calmly, describe the specific behaviour and its effect, listen to their side, and agree on a next step. Involve a manager only if that fails."),
-    ("How do I start composting in a small apartment?", "Use a small sealed bin or a worm bin for fruit and vegetable scraps, add shredded paper to balance moisture, and empty it into a community compost if you have one."),
-    ("How do I build a bedtime routine for a young child?", "Keep the same order every night, for example bath, pyjamas, teeth, a story, and lights out, at a consistent time, with screens off an hour before."),
+    ("How do I make a strong password?", "Use a long passphrase of random words, never reuse it, and keep it in a password manager."),
+    ("What should I do with an email asking for my bank login?", "Do not click anything. Contact your bank through its own app and report the email."),
+    ("How can I prepare for a job interview?", "Research the company, practise common questions aloud, and prepare two questions of your own."),
+    ("How do I ask my manager for feedback?", "Ask for a short meeting and one specific question about a recent piece of work."),
+    ("How can I reduce food waste at home?", "Plan meals, freeze leftovers, use older food first, and compost the rest."),
+    ("Should I take the train or fly for short trips?", "For short trips the train usually emits far less carbon and is often as fast."),
+    ("How do I help my child with homework?", "Set a regular quiet time, ask guiding questions, and praise effort over answers."),
+    ("How much screen time is fine for a toddler?", "Guidelines suggest about an hour a day of good content for ages two to five."),
+    ("How do I back up my photos safely?", "Keep three copies on two kinds of storage, one of them off site."),
+    ("How do I write a good CV?", "Keep it to two pages, lead with results, tailor it to each job, and proofread it."),
+    ("What are simple ways to save energy at home?", "Use LED bulbs, seal drafts, and lower the heating by one degree."),
+    ("How do I talk to my teenager about online safety?", "Ask which apps they use, agree on privacy settings, and stay approachable."),
+    ("How do I spot a fake online shop?", "Watch for unrealistic prices, missing contact details, and bank-transfer-only payment."),
+    ("How do I negotiate a salary offer?", "Research typical pay, name a specific number, and consider the whole package."),
+    ("How can I make my commute greener?", "Walk, cycle or take public transport, and share car trips when you must drive."),
+    ("How do I limit screen time on a family tablet?", "Use the built-in parental controls to set daily limits and explain the rules."),
+    ("What is two-factor authentication?", "A second check after your password, such as an app code, so a stolen password is not enough."),
+    ("How do I handle a conflict with a coworker?", "Talk privately and calmly, listen to their side, and agree on a next step."),
+    ("How do I start composting in a small flat?", "Use a small sealed bin for fruit and vegetable scraps and add shredded paper."),
+    ("How do I build a bedtime routine for a child?", "Keep the same order every night at the same time, with screens off an hour before."),
 ]
 
 
 def frame_questions(frames: list[str], fill: dict[str, list[str]], n: int, seed: int = 0) -> list[str]:
     """``n`` distinct questions from every filler combination of ``frames``, shuffled with ``seed``.
 
-    Questions are taken round-robin over groups keyed by their first two words (one group per frame when the
-    frames' opening words differ), so every kind of question is represented.
+    Questions are taken round-robin over the frames, so every kind of question is represented about equally.
     """
     rng = random.Random(seed)
-    pool: set[str] = set()
+    by_frame: list[list[str]] = []
     for frame in frames:
         keys = [k for k in fill if "{" + k + "}" in frame]
-        for combo in itertools.product(*(fill[k] for k in keys)):
-            pool.add(frame.format(**dict(zip(keys, combo, strict=True))))
-    if n > len(pool):
-        raise ValueError(f"asked for {n} questions but the frames only give {len(pool)}")
-    questions = sorted(pool)
-    rng.shuffle(questions)
-    # spread over frames: round-robin by frame so every kind of question is represented
-    by_frame: dict[str, list[str]] = {}
-    for q in questions:
-        by_frame.setdefault(q.split(" ")[0] + q.split(" ")[1], []).append(q)
+        combos = itertools.product(*(fill[k] for k in keys))
+        questions = sorted({frame.format(**dict(zip(keys, c, strict=True))) for c in combos})
+        rng.shuffle(questions)
+        by_frame.append(questions)
+    if n > sum(map(len, by_frame)):
+        raise ValueError(f"asked for {n} questions but the frames only give {sum(map(len, by_frame))}")
     out: list[str] = []
+    seen: set[str] = set()
     while len(out) < n:
-        for qs in by_frame.values():
+        for qs in by_frame:
+            while qs and qs[-1] in seen:
+                qs.pop()
             if qs and len(out) < n:
+                seen.add(qs[-1])
                 out.append(qs.pop())
+    rng.shuffle(out)
     return out
 
 
