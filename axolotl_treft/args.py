@@ -48,6 +48,9 @@ class KLConfig(_Block):
     weight: float = Field(ge=0)
     on: Literal["train", "retain"] = "train"
     tokens: Literal["all", "response"] = "all"
+    batch_size: int | None = Field(
+        None, ge=1, description="on: retain: retain rows per step (default: micro_batch_size)",
+    )
 
 
 class FeatureL2Config(_Block):

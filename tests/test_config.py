@@ -47,6 +47,7 @@ def test_valid_block_is_kept_and_dataset_type_switched(smollm2_dir, tmp_path):
                                    "gradient_checkpointing_kwargs": {"use_reentrant": True}}, r"use_reentrant"),
         ({"kl": {"weight": 0.1, "on": "retain"}}, {}, r"treft\.kl\.on: `retain` needs a `treft\.retain:` block"),
         ({"kl": {"weight": 0.1, "tokens": "prompt"}}, {}, r"treft\.kl\.tokens"),
+        ({"kl": {"weight": 0.1, "batch_size": 0}}, {}, r"treft\.kl\.batch_size"),
         ({"retain": {"datasets": [{"path": "/nonexistent/retain.jsonl", "type": "chat_template"}], "mix_ratio": 0.2}},
          {}, r"treft\.retain\.datasets\[0\]\.path: /nonexistent/retain\.jsonl does not exist"),
         ({"retain": {"datasets": [], "mix_ratio": 0.2}}, {}, r"treft\.retain\.datasets: empty"),

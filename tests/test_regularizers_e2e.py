@@ -44,12 +44,13 @@ def test_feature_l2_with_interleaving(tmp_path, smollm2_dir):
 
 
 def test_kl_on_retain_combined_with_treft_postfix(tmp_path, smollm2_dir):
-    check(run_axolotl(tmp_path, smollm2_dir, {
+    run = check(run_axolotl(tmp_path, smollm2_dir, {
         "plugins": PLUGIN,
         "treft": {
             "kv": {"weight": 5.0, "tokens": "postfix"},
-            "kl": {"weight": 0.5, "on": "retain", "tokens": "response"},
+            "kl": {"weight": 0.5, "on": "retain", "tokens": "response", "batch_size": 3},
             "retain": {"datasets": RETAIN},
         },
         "max_steps": 3,
     }), "kl", "kv")
+    assert "KL-on-retain batches of 3 retain rows per step" in run.log
