@@ -94,7 +94,7 @@ def study_runs() -> list[StudyRun]:
         *(kv_run(m) for m in modes),
         StudyRun("interleave", "Data interleaving (20% retain)", {"retain": retain_block(0.2)}),
         StudyRun("kl", "KL to reference on retain (λ=1)",
-                 {"kl": {"weight": 1.0, "on": "retain", "tokens": "all"}, "retain": retain_block(0.0)}),
+                 {"kl": {"weight": 1.0, "on": "retain", "tokens": "all", "batch_size": 4}, "retain": retain_block(0.0)}),
     ]
 
 
@@ -117,7 +117,9 @@ def run_config(run: StudyRun, model: Path, out: Path, max_steps: int | None,
     cfg.update({
         "base_model": str(model),
         "datasets": [{**cfg["datasets"][0], "path": data_file(setting.train_file)}],
-        "dataset_prepared_path": str(out / "prepared" / run.name),
+        # inside the run directory: Axolotl's prepared-data hash ignores file contents, so deleting a run
+        # must also drop its tokenized data
+        "dataset_prepared_path": str(out / run.name / "prepared"),
         "output_dir": str(out / run.name / "adapter"),
         **run.extra,
     })
@@ -128,6 +130,14 @@ def run_config(run: StudyRun, model: Path, out: Path, max_steps: int | None,
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_digests(cfg: dict) -> dict[str, str]:
+    """sha256 of every local data file the config trains on (training and retain datasets)."""
+    retain = (cfg.get("treft") or {}).get("retain") or {}
+    specs = [*(cfg.get("datasets") or []), *retain.get("datasets", [])]
+    files = sorted({str(s["path"]) for s in specs if Path(str(s["path"])).is_file()})
+    return {f: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] for f in files}
 
 
 def _cached(path: Path, key: str) -> dict | None:
@@ -145,7 +155,7 @@ def train(run: StudyRun, model: Path, out: Path, max_steps: int | None, setting:
           log: Callable[[str], None]) -> dict:
     done = out / run.name / "train.json"
     cfg = run_config(run, model, out, max_steps, setting)
-    key = fingerprint(cfg)
+    key = fingerprint({"config": cfg, "data": data_digests(cfg)})
     if (figures := _cached(done, key)) is not None:
         log(f"[{run.name}] training already finished, reusing {done}")
         return figures
