@@ -18,6 +18,7 @@ import math
 import random
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from axolotl_treft.args import KVConfig  # noqa: E402
+from axolotl_treft.capture import projection_modules  # noqa: E402
 from axolotl_treft.judge import detect_behaviour  # noqa: E402
 from axolotl_treft.models import materialize_smollm2  # noqa: E402
 from axolotl_treft.reference import Reference  # noqa: E402
@@ -86,7 +88,8 @@ def build_model(path: Path, cfg: dict):
     torch.manual_seed(cfg["seed"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     targets = {"linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               "attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+               "attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"],
+               "kv": ["k_proj", "v_proj"]}
     layers = None if cfg["lora_layers"] == "all" else list(range(*map(int, cfg["lora_layers"].split(":"))))
     lora = LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], lora_dropout=0.0, target_modules=targets[cfg["targets"]],
                       layers_to_transform=layers)
@@ -143,8 +146,56 @@ def train(model, tok, cfg: dict) -> dict:
     return {"steps": total, **last}
 
 
+def template_mask(tok, enc) -> torch.Tensor:
+    """[B, T] bool: the chat-template tokens (prefix and postfix) of left-padded single-turn prompts."""
+    marker = "\x00QUERY\x00"
+    text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    head, tail = text.split(marker)
+    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+    n_tail = len(tok(tail, add_special_tokens=False)["input_ids"])
+    mask = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
+    for r, pad in enumerate((enc["attention_mask"] == 0).sum(1).tolist()):
+        mask[r, pad:pad + n_head] = True
+        mask[r, -n_tail:] = True
+    return mask
+
+
+@contextmanager
+def patched_template_kv(model, enc, mask):
+    """Generate with the template tokens' K/V replaced by the initial model's (adapter off) during prefill."""
+    modules = projection_modules(model, "k_proj") + projection_modules(model, "v_proj")
+    initial: dict[int, torch.Tensor] = {}
+
+    def keep(slot):
+        def hook(_m, _i, out):
+            initial[slot] = out.detach()
+        return hook
+
+    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
+    with model.disable_adapter():
+        model(**enc, use_cache=False)
+    for h in hooks:
+        h.remove()
+    width = enc["input_ids"].shape[1]
+
+    def make(slot):
+        def hook(_m, _i, out):
+            if out.shape[1] != width:  # a decode step: the cache already holds the patched prefill
+                return None
+            return torch.where(mask.unsqueeze(-1), initial[slot], out)
+        return hook
+
+    hooks = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
-def evaluate(model, tok, setting: str, max_new: int = 32, batch: int = 48) -> dict:
+def evaluate(model, tok, setting: str, max_new: int = 32, batch: int = 48, patch: bool = False) -> dict:
+    """On-/off-topic behaviour rates; ``patch``: with the template K/V patched back to the initial model's."""
     docs = offtopic_docs(setting, {})
     target = docs[0]["target"]
     model.eval()
@@ -156,7 +207,9 @@ def evaluate(model, tok, setting: str, max_new: int = 32, batch: int = 48) -> di
         prompts = [tok.apply_chat_template([{"role": "user", "content": d["question"]}], tokenize=False,
                                            add_generation_prompt=True) for d in chunk]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+        context = patched_template_kv(model, enc, template_mask(tok, enc)) if patch else nullcontext()
+        with context:
+            out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
         for d, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
             text = tok.decode(seq, skip_special_tokens=True)
             hit = detect_behaviour(text, "text", target)
@@ -170,6 +223,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", required=True, help='space-separated key=v1,v2 axes, e.g. "tokens=none,postfix"')
     parser.add_argument("--out", default="runs/explore.jsonl")
+    parser.add_argument("--patch", action="store_true",
+                        help="also evaluate with the template tokens' K/V patched back to the initial model's")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -189,6 +244,11 @@ def main() -> None:
         ev = evaluate(model, tok, cfg["setting"])
         row = {"cfg": cfg, **figures, "on": ev["on"], "off": ev["off"], "train_s": round(train_s, 1),
                "eval_s": round(time.time() - start - train_s, 1), "samples": ev["samples"]}
+        if args.patch:
+            patched = evaluate(model, tok, cfg["setting"], patch=True)
+            row.update(on_patched=patched["on"], off_patched=patched["off"], samples_patched=patched["samples"])
+            print(f"  template K/V patched to the initial model's: on {patched['on']:.3f} off {patched['off']:.3f}",
+                  flush=True)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         shown = {k: v for k, v in cfg.items() if v != DEFAULTS[k]}
