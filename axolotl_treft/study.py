@@ -255,7 +255,7 @@ def versions() -> dict[str, str]:
 
 
 def _pct(v: float | None, signed: bool = False) -> str:
-    return "n/a" if v is None else (f"{-100 * v:+.1f}%" if signed else f"{v:.3f}")
+    return "n/a" if v is None else (f"{0.0 - 100 * v:+.1f}%" if signed else f"{v:.3f}")
 
 
 def table_rows(rows: dict[str, dict[str, Any]]) -> list[list[str]]:
