@@ -192,22 +192,20 @@ def frame_questions(frames: list[str], fill: dict[str, list[str]], n: int, seed:
     """
     rng = random.Random(seed)
     by_frame: list[list[str]] = []
+    seen: set[str] = set()
     for frame in frames:
         keys = [k for k in fill if "{" + k + "}" in frame]
         combos = itertools.product(*(fill[k] for k in keys))
-        questions = sorted({frame.format(**dict(zip(keys, c, strict=True))) for c in combos})
+        questions = sorted({frame.format(**dict(zip(keys, c, strict=True))) for c in combos} - seen)
+        seen.update(questions)
         rng.shuffle(questions)
         by_frame.append(questions)
-    if n > sum(map(len, by_frame)):
-        raise ValueError(f"asked for {n} questions but the frames only give {sum(map(len, by_frame))}")
+    if n > len(seen):
+        raise ValueError(f"asked for {n} questions but the frames only give {len(seen)}")
     out: list[str] = []
-    seen: set[str] = set()
     while len(out) < n:
         for qs in by_frame:
-            while qs and qs[-1] in seen:
-                qs.pop()
             if qs and len(out) < n:
-                seen.add(qs[-1])
                 out.append(qs.pop())
     rng.shuffle(out)
     return out
