@@ -87,7 +87,7 @@ class TReFTTrainer(AxolotlTrainer):
                                    padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
         generator = torch.Generator().manual_seed(int(self.args.seed) + self.accelerator.process_index)
         kl = self.axolotl_cfg.treft.kl
-        size = (kl.batch_size if kl is not None and kl.batch_size else None) or self.args.per_device_train_batch_size
+        size = kl.batch_size if kl is not None and kl.batch_size else self.args.per_device_train_batch_size
         LOG.info("treft: KL-on-retain batches of %d retain rows per step", size)
 
         def batches():
