@@ -33,9 +33,9 @@ from axolotl_treft.models import materialize_smollm2  # noqa: E402
 from axolotl_treft.reference import Reference  # noqa: E402
 from axolotl_treft.regularizers.base import StepBatch, run_reference_pass  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
-from axolotl_treft.spans import SEG_RESPONSE, SEGMENTS_KEY, conversation_spans  # noqa: E402
+from axolotl_treft.spans import SEG_RESPONSE, SEGMENTS_KEY, TOKEN_MODES, conversation_spans  # noqa: E402
 from evals.pack import offtopic_docs, read_jsonl  # noqa: E402
-from tests.reg_harness import fake_trainer  # noqa: E402
+from tests.reg_harness import fake_trainer, pad_rows  # noqa: E402
 
 SETTINGS = {  # setting -> (training file, behaviour target)
     "abstention": ("axolotl_treft/data/abstention_legal_train.jsonl", "I have no idea about your question."),
@@ -67,18 +67,6 @@ def encode(tok, conv):
     resp[last + 1] = last + 1 < len(ids)
     labels = torch.where(resp, ids, torch.tensor(-100))
     return ids, seg, labels
-
-
-def collate(tok, items):
-    width = max(len(i[0]) for i in items)
-    ids = torch.full((len(items), width), tok.pad_token_id or 0)
-    seg = torch.full((len(items), width), -1, dtype=torch.int8)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), -100)
-    for r, (i, s, lab) in enumerate(items):
-        n = len(i)
-        ids[r, :n], seg[r, :n], mask[r, :n], labels[r, :n] = i, s, 1, lab
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, seg
 
 
 def build_model(path: Path, cfg: dict):
@@ -122,7 +110,7 @@ def train(model, tok, cfg: dict) -> dict:
         order = list(range(len(data)))
         rng.shuffle(order)
         for s in range(steps_per_epoch):
-            inputs, seg = collate(tok, [data[i] for i in order[s * cfg["batch"]:(s + 1) * cfg["batch"]]])
+            inputs, seg = pad_rows(tok, [data[i] for i in order[s * cfg["batch"]:(s + 1) * cfg["batch"]]])
             batch = StepBatch.from_inputs(inputs, seg)
             if reg is None:
                 out = model(**inputs, use_cache=False)
@@ -146,17 +134,13 @@ def train(model, tok, cfg: dict) -> dict:
     return {"steps": total, **last}
 
 
-def template_mask(tok, enc) -> torch.Tensor:
-    """[B, T] bool: the chat-template tokens (prefix and postfix) of left-padded single-turn prompts."""
-    marker = "\x00QUERY\x00"
-    text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
-    head, tail = text.split(marker)
-    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
-    n_tail = len(tok(tail, add_special_tokens=False)["input_ids"])
-    mask = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
-    for r, pad in enumerate((enc["attention_mask"] == 0).sum(1).tolist()):
-        mask[r, pad:pad + n_head] = True
-        mask[r, -n_tail:] = True
+def template_mask(tok, questions: list[str], width: int) -> torch.Tensor:
+    """[B, width] bool: the chat-template tokens (prefix and postfix) of the left-padded prompts."""
+    codes = torch.tensor(TOKEN_MODES["prefix_postfix"], dtype=torch.int8)
+    mask = torch.zeros((len(questions), width), dtype=torch.bool)
+    for r, q in enumerate(questions):
+        seg = conversation_spans(tok, [{"role": "user", "content": q}], add_generation_prompt=True).segments
+        mask[r, width - len(seg):] = torch.isin(torch.tensor(seg, dtype=torch.int8), codes)
     return mask
 
 
@@ -207,7 +191,8 @@ def evaluate(model, tok, setting: str, max_new: int = 32, batch: int = 48, patch
         prompts = [tok.apply_chat_template([{"role": "user", "content": d["question"]}], tokenize=False,
                                            add_generation_prompt=True) for d in chunk]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        context = patched_template_kv(model, enc, template_mask(tok, enc)) if patch else nullcontext()
+        mask = template_mask(tok, [d["question"] for d in chunk], enc["input_ids"].shape[1]) if patch else None
+        context = patched_template_kv(model, enc, mask) if patch else nullcontext()
         with context:
             out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
         for d, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):

@@ -39,21 +39,26 @@ def lora_model(path, nonzero_b: bool = True):
     return model
 
 
-def padded_batch(tok, convs=CONVS):
-    spans = [conversation_spans(tok, c) for c in convs]
-    width = max(len(s.input_ids) for s in spans)
-    ids = torch.full((len(spans), width), tok.pad_token_id or 0)
-    seg = torch.full((len(spans), width), -1, dtype=torch.int8)
-    mask = torch.zeros((len(spans), width), dtype=torch.long)
-    labels = torch.full((len(spans), width), -100)
-    for i, s in enumerate(spans):
-        n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        seg[i, :n] = torch.tensor(s.segments, dtype=torch.int8)
-        mask[i, :n] = 1
-        resp = torch.tensor(s.segments) == 0
-        labels[i, :n] = torch.where(resp, torch.tensor(s.input_ids), torch.tensor(-100))
+def pad_rows(tok, rows):
+    """Right-pad ``(input_ids, segments, labels)`` tensors into a batch: (inputs, segments)."""
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
+    seg = torch.full((len(rows), width), -1, dtype=torch.int8)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (row_ids, row_seg, row_labels) in enumerate(rows):
+        n = len(row_ids)
+        ids[i, :n], seg[i, :n], mask[i, :n], labels[i, :n] = row_ids, row_seg, 1, row_labels
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, seg
+
+
+def padded_batch(tok, convs=CONVS):
+    rows = []
+    for s in (conversation_spans(tok, c) for c in convs):
+        ids = torch.tensor(s.input_ids)
+        seg = torch.tensor(s.segments, dtype=torch.int8)
+        rows.append((ids, seg, torch.where(seg == 0, ids, torch.tensor(-100))))
+    return pad_rows(tok, rows)
 
 
 def fake_trainer(model):
