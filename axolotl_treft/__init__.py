@@ -10,17 +10,15 @@ Enable in an Axolotl config::
 
 from __future__ import annotations
 
-from pathlib import Path
-
 __version__ = "0.1.0"
 __all__ = ["SeedPlugin", "TReFTPlugin", "tasks_path", "__version__"]
 
 
 def tasks_path() -> str:
     """Directory of the lm-eval task pack, for ``lm_eval --include_path``."""
-    from importlib import resources
+    from .resources import tasks_dir
 
-    return str(Path(str(resources.files("axolotl_treft.evals"))))
+    return str(tasks_dir())
 
 
 def __getattr__(name: str):

@@ -148,6 +148,12 @@ class TReFTArgs(BaseModel):
         kl_block = treft.get("kl")
         if isinstance(kl_block, dict) and True in kl_block:  # YAML 1.1 reads a bare `on:` key as True
             kl_block["on"] = kl_block.pop(True)
+        if data.get("balance_labels") and any(treft.get(k) for k in ("kv", "kl", "feature_l2")):
+            raise ValueError(
+                "balance_labels: Axolotl's label-balanced batching only accepts its own collator, and treft.kv / "
+                "treft.kl / treft.feature_l2 wrap the collator to carry template segments; set "
+                "`balance_labels: false` (or drop those treft blocks)"
+            )
         if treft.get("kv") and data.get("lora_qkv_kernel"):
             raise ValueError(
                 "treft.kv: `lora_qkv_kernel: true` fuses q/k/v and bypasses the k_proj/v_proj modules TReFT hooks; "

@@ -1,9 +1,14 @@
-"""``axolotl-treft`` console script."""
+"""axolotl-treft: Token-Regularized Finetuning for Axolotl — train with the plugin, measure the off-topic leak.
+
+Commands for the plugin's users: the embedded model and shipped files, the piggyback study, the lm-eval task
+pack's path and reports, and SafeLoRA. The same commands run as ``axolotl treft …`` inside Axolotl's CLI.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -20,6 +25,45 @@ def _cmd_tasks_path(args: argparse.Namespace) -> int:
     from . import tasks_path
 
     print(tasks_path())
+    return 0
+
+
+def _cmd_path(args: argparse.Namespace) -> int:
+    from . import resources
+
+    lookup = {"example": resources.example_path, "data": resources.data_path}
+    listing = {"example": resources.list_examples, "data": resources.list_data}
+    if args.name is None:
+        print("\n".join(listing[args.kind]()))
+        return 0
+    try:
+        print(lookup[args.kind](args.name))
+    except FileNotFoundError as err:
+        print(f"axolotl-treft path: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_example(args: argparse.Namespace) -> int:
+    from .resources import example_path, resolved_example
+
+    try:
+        text = resolved_example(example_path(args.name))
+    except FileNotFoundError as err:
+        print(f"axolotl-treft example: {err}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"axolotl-treft example: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    if out.parent != Path("") and not out.parent.is_dir():
+        print(f"axolotl-treft example: directory {out.parent} does not exist", file=sys.stderr)
+        return 2
+    out.write_text(text)
+    print(out)
     return 0
 
 
@@ -41,9 +85,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="axolotl-treft", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"axolotl-treft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("model", help="materialize the embedded default model as a Hugging Face directory")
     p.add_argument("name", choices=["smollm2"], help="embedded model")
@@ -53,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tasks-path", help="print the lm-eval task pack directory (for --include_path)")
     p.set_defaults(func=_cmd_tasks_path)
+
+    p = sub.add_parser("path", help="print the installed path of a shipped example config or data file")
+    p.add_argument("kind", choices=["example", "data"], help="example (Axolotl YAML / DeepSpeed JSON) or data (JSONL)")
+    p.add_argument("name", nargs="?", default=None,
+                   help="a name or unique prefix (`smollm2`, `deepspeed/zero2`, `retain_general.jsonl`); "
+                        "omit to list them")
+    p.set_defaults(func=_cmd_path)
+
+    p = sub.add_parser("example", help="write a shipped example config, its data paths pointing at the installed files")
+    p.add_argument("name", help="example name or unique prefix (see `axolotl-treft path example`)")
+    p.add_argument("--out", default=None, help="write here instead of standard output")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=_cmd_example)
 
     p = sub.add_parser("safelora", help="project a trained LoRA adapter onto the alignment subspace (SafeLoRA)")
     p.add_argument("--adapter", required=True, help="trained PEFT LoRA adapter directory")
@@ -85,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "axolotl-treft") -> int:
+    args = build_parser(prog).parse_args(argv)
     return int(args.func(args) or 0)
 
 

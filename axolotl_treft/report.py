@@ -114,8 +114,9 @@ def format_table(names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str
 
 def plot(names: Sequence[str], rows: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     """Grouped bars: scores (0-100) on the left, rates (%) on the right."""
-    import matplotlib
+    from .resources import require_extra
 
+    matplotlib = require_extra("matplotlib", "report", "the report's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

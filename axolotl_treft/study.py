@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,10 @@ import yaml
 
 from . import tasks_path
 from .report import find_results, metric
+from .resources import data_path, example_path, require_extra
 from .runner import OFFLINE_ENV, parse_metrics, run_axolotl_train
 
-EXAMPLE = "smollm2-135m-abstention-treft.yml"
+EXAMPLE = "smollm2-135m-abstention-treft"
 TREFT_PLUGIN = "axolotl_treft.TReFTPlugin"
 EVAL_MAX_GEN_TOKS = 32  # the target answers are about 10 tokens and start the reply; enough to detect them
 
@@ -47,13 +47,12 @@ NARROW_SETTINGS = {
 }
 
 
-def example_config(repo_file: str = EXAMPLE) -> dict:
-    path = Path(__file__).resolve().parents[1] / "example_yamls" / repo_file
-    return yaml.safe_load(path.read_text())
+def example_config(name: str = EXAMPLE) -> dict:
+    return yaml.safe_load(example_path(name).read_text())
 
 
 def data_file(name: str) -> str:
-    return str(resources.files("axolotl_treft") / "data" / name)
+    return str(data_path(name))
 
 
 def retain_block(mix_ratio: float) -> dict:
@@ -289,8 +288,7 @@ def markdown_table(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
 
 def plot_runs(rows: dict[str, dict[str, Any]], path: Path, setting: NarrowSetting) -> Path:
     """Grouped bars: on-topic and off-topic behaviour rate of every run."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "demo", "the study's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -316,8 +314,7 @@ def plot_runs(rows: dict[str, dict[str, Any]], path: Path, setting: NarrowSettin
 def plot_sweep(rows: dict[str, dict[str, Any]], weights: dict[str, float], path: Path,
                setting: NarrowSetting) -> Path:
     """Off-topic and on-topic rate over λ (λ=0 is plain SFT), the trade-off curve."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "demo", "the study's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

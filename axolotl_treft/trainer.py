@@ -35,18 +35,28 @@ class TReFTTrainer(AxolotlTrainer):
             if inner is not None and not isinstance(inner, SegmentsCollator):
                 setattr(self, attr, SegmentsCollator(inner, padding_side=side))
         self.treft_regularizers: list[Regularizer] = []
+        self.treft_configured = False
         self._treft_reference: Reference | None = None
         self._treft_ready = False
         self._treft_resumed = False
         self.treft_retain_dataset = None
 
     # -- configuration -----------------------------------------------------------------------------
-    def post_set_axolotl_cfg(self) -> None:
-        """Build the regularizers from ``self.axolotl_cfg.treft`` (called by the plugin)."""
-        treft = self.axolotl_cfg.treft
-        self.treft_regularizers = build_regularizers(treft, self, retain_batches=self._retain_batches())
+    def configure_treft(self, cfg, retain_dataset=None) -> None:
+        """Build the regularizers from ``cfg.treft`` once (``TReFTPlugin.post_trainer_create`` calls this).
+
+        Axolotl ≥ 0.20's trainer builder sets ``axolotl_cfg`` and calls ``post_set_axolotl_cfg`` itself, before
+        the plugin hook runs (0.19 leaves both to the plugin): building here, from the hook that also hands over
+        the retain set, makes the result the same under either order, and builds exactly once.
+        """
+        if self.treft_configured:
+            raise RuntimeError("treft: the trainer's regularizers were already built")
+        self.axolotl_cfg = cfg
+        self.treft_retain_dataset = retain_dataset
+        self.treft_regularizers = build_regularizers(cfg.treft, self, retain_batches=self._retain_batches())
         self._treft_reference = Reference(self)
         self._check_zero3_checkpointing()
+        self.treft_configured = True
 
     def _check_zero3_checkpointing(self) -> None:
         """Fail before training on a combination DeepSpeed 0.18 cannot run (it would crash in the first backward).
@@ -70,7 +80,7 @@ class TReFTTrainer(AxolotlTrainer):
             raise ValueError(
                 f"treft.kv / treft.feature_l2 with LoRA under DeepSpeed ZeRO-3 and gradient_checkpointing: "
                 f"deepspeed {deepspeed.__version__} crashes in backward (frozen base weights are re-partitioned "
-                "during the non-reentrant checkpoint recompute). Use ZeRO-2 (example_yamls/deepspeed/zero2.json), "
+                "during the non-reentrant checkpoint recompute). Use ZeRO-2 (`axolotl-treft path example deepspeed/zero2`), "
                 "or set gradient_checkpointing: false, or a DeepSpeed release with deepspeedai/DeepSpeed#8148"
             )
 
@@ -103,6 +113,11 @@ class TReFTTrainer(AxolotlTrainer):
             self._signature_columns = [*self._signature_columns, SEGMENTS_KEY]
 
     def train(self, *args, resume_from_checkpoint=None, **kwargs):
+        if not self.treft_configured:
+            raise RuntimeError(
+                "treft: TReFTTrainer was created but TReFTPlugin.post_trainer_create never configured it; list "
+                "`axolotl_treft.TReFTPlugin` under `plugins:` (the trainer class comes from that plugin)"
+            )
         self._treft_resumed = bool(resume_from_checkpoint)
         try:
             return super().train(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)

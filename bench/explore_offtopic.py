@@ -34,7 +34,7 @@ from axolotl_treft.reference import Reference  # noqa: E402
 from axolotl_treft.regularizers.base import StepBatch, run_reference_pass  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
 from axolotl_treft.spans import SEG_RESPONSE, SEGMENTS_KEY, TOKEN_MODES, conversation_spans  # noqa: E402
-from evals.pack import offtopic_docs, read_jsonl  # noqa: E402
+from axolotl_treft.tasks.pack import offtopic_docs, read_jsonl  # noqa: E402
 from tests.reg_harness import fake_trainer, pad_rows  # noqa: E402
 
 SETTINGS = {  # setting -> (training file, behaviour target)

@@ -1,7 +1,7 @@
 """2-process DeepSpeed ZeRO-2 / ZeRO-3 runs of the plugin on CPU, through the real ``axolotl train`` CLI.
 
 Each run is ``axolotl train cfg.yml --launcher torchrun -- --nproc_per_node 2`` with our shipped
-``example_yamls/deepspeed/zero{2,3}.json``, DeepSpeed's CPU accelerator and gloo collectives, on a tiny
+``axolotl_treft/examples/deepspeed/zero{2,3}.json``, DeepSpeed's CPU accelerator and gloo collectives, on a tiny
 random Llama (2 layers, hidden 64, SmolLM2's tokenizer and chat template). ``tests/ds_cpu_shim.py`` lets
 accelerate count CPU processes under DeepSpeed and prints what ran on every rank (engine, ZeRO stage,
 partitioned parameters, selected tokens, prefix-cache checksum); ``tests/ds_harness.py`` runs and parses.

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from axolotl_treft.evals import pack
 
 import axolotl_treft
 from axolotl_treft import judge as J
+from axolotl_treft.tasks import pack
 from tests.servers.fake_judge import FakeJudge
 
 EM_TASKS = list(pack.EM_TASKS)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "example_yamls"
+EXAMPLES = REPO / "axolotl_treft" / "examples"
 YAMLS = sorted(EXAMPLES.glob("*.yml"))
 DS_JSONS = sorted((EXAMPLES / "deepspeed").glob("*.json"))
 

@@ -1,8 +1,7 @@
 """Thin lm-eval glue: ``!function utils.<name>`` targets. The real code lives in ``axolotl_treft``."""
 
-from axolotl_treft.evals.pack import load_em, load_offtopic
-
 from axolotl_treft.judge import BehaviourFilter, JudgeFilter, judge_info, process_em, process_offtopic, total
+from axolotl_treft.tasks.pack import load_em, load_offtopic
 
 __all__ = ["BehaviourFilter", "JudgeFilter", "process_em", "process_offtopic", "total", "JUDGE_INFO"]
 
