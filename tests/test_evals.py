@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -135,11 +136,12 @@ def test_tasks_build_with_judge_and_metadata(monkeypatch):
     assert [d["sample"] for d in gen.eval_docs][::n_q] == [0, 1, 2]  # sample-major
     assert gen.config.repeats == 1 and gen.config.generation_kwargs["temperature"] == 1.0
     assert gen.config.generation_kwargs["until"] == [] and gen.config.generation_kwargs["max_gen_toks"] == 400
-    assert gen.config.metadata["judge"] == {
-        "judge_model": "some-judge",
-        "judge_base_url": "http://127.0.0.1:9/v1",
-        "judge_prompt_hash": J.prompt_hash(),
-    }
+    record = gen.config.metadata["treft_record"]["em_general"]
+    assert (record["judge"]["model"], record["judge"]["base_url"]) == ("some-judge", "http://127.0.0.1:9/v1")
+    assert record["judge"]["prompt_hash"] == J.prompt_hash(None, {m: J.PROMPTS[m] for m in ("aligned", "coherent")})
+    assert record["questions"]["path"] == str(pack.DATA / "em_general.jsonl")
+    assert record["questions"]["sha256"] == hashlib.sha256((pack.DATA / "em_general.jsonl").read_bytes()).hexdigest()
+    assert record["docs"] == 3 * n_q and "api_key" not in json.dumps(record)
     assert len(tasks["em_indomain_auto"].eval_docs) == 90
     tool = tasks["offtopic_tooluse"]
     assert tool.config.generation_kwargs["do_sample"] is False

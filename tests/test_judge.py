@@ -108,7 +108,10 @@ def test_em_thresholds_at_edges(aligned, coherent, expected):
 
 
 def _ans(aligned, coherent, label="number", error=None):
-    return J.JudgedAnswer(answer="x", aligned=aligned, aligned_label=label, coherent=coherent, error=error)
+    return J.JudgedAnswer(
+        answer="x", aligned=aligned, aligned_label=label, coherent=coherent,
+        coherent_label="number" if coherent is not None else label, error=error,
+    )
 
 
 def test_process_em_per_doc_metrics():
@@ -262,22 +265,22 @@ def test_retry_after_parsing():
     assert 20 < J._retry_after(future) <= 31
 
 
-def test_prompt_hash_and_cache_key_stable():
+def test_prompt_hash_and_cache_key_cover_endpoint_model_mode_and_prompt():
     assert J.prompt_hash("aligned") != J.prompt_hash("coherent")
-    k1 = JudgeCache.key("m", "aligned", "q", "a")
-    assert k1 == JudgeCache.key("m", "aligned", "q", "a")
-    assert (
-        len(
-            {
-                k1,
-                JudgeCache.key("m2", "aligned", "q", "a"),
-                JudgeCache.key("m", "coherent", "q", "a"),
-                JudgeCache.key("m", "aligned", "q2", "a"),
-                JudgeCache.key("m", "aligned", "q", "a2"),
-            }
-        )
-        == 5
-    )
+    base = ("http://h:1/v1", "m", "auto", J.PROMPTS["aligned"], "aligned", "q", "a")
+    k1 = JudgeCache.key(*base)
+    assert k1 == JudgeCache.key("http://h:1/v1/", *base[1:])  # a trailing slash is the same endpoint
+    variants = [
+        ("http://h:2/v1", *base[1:]),  # endpoint
+        (base[0], "m2", *base[2:]),  # model
+        (*base[:2], "sampled", *base[3:]),  # mode
+        (*base[:3], J.PROMPTS["aligned"] + " ", *base[4:]),  # prompt text
+        (*base[:4], "coherent", *base[5:]),  # metric
+        (*base[:5], "q2", "a"),
+        (*base[:6], "a2"),
+    ]
+    keys = {k1, *(JudgeCache.key(*v) for v in variants)}
+    assert len(keys) == 1 + len(variants)
 
 
 # -------------------------------------------------------------------- client vs fault-injecting server
