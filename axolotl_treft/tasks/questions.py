@@ -116,6 +116,8 @@ def _jsonl_questions(path: Path, need_topic: bool) -> list[Question]:
         unknown = sorted(set(row) - JSONL_FIELDS)
         if unknown:
             raise UserFileError(path, f"unknown field(s) {unknown}; known: {sorted(JSONL_FIELDS)}", line)
+        if "question_id" not in row and "id" not in row:
+            raise UserFileError(path, "missing field 'question_id' (or 'id')", line)
         qid = _str_field(path, line, row, "question_id" if "question_id" in row else "id", required=True)
         prompts = row.get("judge_prompts")
         out.append(
