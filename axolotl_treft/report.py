@@ -92,7 +92,8 @@ def judge_model(results: Mapping[str, Any]) -> str | None:
     """The judge model recorded for the first judged task (by the task pack or ``axolotl-treft judge``)."""
     for task, config in (results.get("configs") or {}).items():
         meta = (config or {}).get("metadata") or {}
-        entry = (meta.get("treft_record") or {}).get(task) or {}
+        record = meta.get("treft_record") or {}
+        entry = record.get(task) or (next(iter(record.values())) if len(record) == 1 else {})
         model = (entry.get("judge") or {}).get("model")
         legacy = meta.get("judge") if isinstance(meta.get("judge"), Mapping) else {}
         model = model or legacy.get("judge_model")

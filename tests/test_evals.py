@@ -609,3 +609,24 @@ def test_public_yaml_questions_via_cli_then_rejudge_and_report(smollm2_dir, tmp_
     for f in [*out.rglob("*"), *tmp_path.glob("rj*/*")]:  # the key is never written anywhere
         assert not f.is_file() or SECRET not in f.read_text(), f
     assert SECRET not in proc.stdout + proc.stderr + first.stdout + first.stderr
+
+
+def test_settings_in_a_task_yaml_of_your_own(tmp_path):
+    """The documented task YAML: include ours, set questions and judge in `metadata:` (no --metadata)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    files = _files(tmp_path)
+    own = tmp_path / "my_tasks"
+    own.mkdir()
+    with FakeJudge() as fj:
+        (own / "em_mine.yaml").write_text(
+            f"include: {Path(axolotl_treft.tasks_path()) / 'em_general.yaml'}\ntask: em_mine\ntag: []\n"
+            f"metadata:\n  version: 1.0\n  questions: {files['yaml']}\n"
+            f"  judge: {{base_url: '{fj.base_url}', model: fake-judge, cache: 'off'}}\n  treft_record: {{}}\n"
+        )
+        tm = TaskManager(include_path=[str(own), axolotl_treft.tasks_path()], include_defaults=False)
+        task = _flatten(get_task_dict(["em_mine"], tm))["em_mine"]
+    assert [d["question_id"] for d in task.eval_docs] == ["alpha", "alpha", "beta"]
+    assert json.loads(task.eval_docs[0]["judge"])["base_url"] == fj.base_url
+    record = task.dump_config()["metadata"]["treft_record"]["em_general"]  # keyed by the loader's task
+    assert record["questions"]["sha256"] == _sha(files["yaml"])
