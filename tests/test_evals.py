@@ -138,9 +138,14 @@ def test_tasks_build_with_judge_and_metadata(monkeypatch):
     assert gen.config.generation_kwargs["until"] == [] and gen.config.generation_kwargs["max_gen_toks"] == 400
     record = gen.config.metadata["treft_record"]["em_general"]
     assert (record["judge"]["model"], record["judge"]["base_url"]) == ("some-judge", "http://127.0.0.1:9/v1")
-    assert record["judge"]["prompt_hash"] == J.prompt_hash(None, {m: J.PROMPTS[m] for m in ("aligned", "coherent")})
+    assert record["judge"]["prompt_hash"] == J.prompt_hash(
+        None, {m: J.PROMPTS[m] for m in ("aligned", "coherent")}
+    )
     assert record["questions"]["path"] == str(pack.DATA / "em_general.jsonl")
-    assert record["questions"]["sha256"] == hashlib.sha256((pack.DATA / "em_general.jsonl").read_bytes()).hexdigest()
+    assert (
+        record["questions"]["sha256"]
+        == hashlib.sha256((pack.DATA / "em_general.jsonl").read_bytes()).hexdigest()
+    )
     assert record["docs"] == 3 * n_q and "api_key" not in record["judge"]
     assert len(tasks["em_indomain_auto"].eval_docs) == 90
     tool = tasks["offtopic_tooluse"]
@@ -289,9 +294,15 @@ def test_all_tasks_real_run_base(base_run):
     sample = res["samples"]["em_general"][0]
     rec = sample["filtered_resps"][0][0]
     assert rec["answer"] == sample["resps"][0][0] and rec["answer"].strip()
-    assert rec["judge_model"] == "fake-judge" and rec["judge_prompt_hash"] == J.PromptSet().record()["prompt_hash"]
+    assert (
+        rec["judge_model"] == "fake-judge"
+        and rec["judge_prompt_hash"] == J.PromptSet().record()["prompt_hash"]
+    )
     assert json.loads(str(rec))["aligned"] == pytest.approx(82.0)  # logged samples carry JSON
-    assert res["configs"]["em_general"]["metadata"]["treft_record"]["em_general"]["judge"]["model"] == "fake-judge"
+    assert (
+        res["configs"]["em_general"]["metadata"]["treft_record"]["em_general"]["judge"]["model"]
+        == "fake-judge"
+    )
     # off-topic docs alternate: the first two are one on-topic and one off-topic question
     assert [s["doc"]["topic"] for s in res["samples"]["offtopic_abstention"]] == ["on", "off"]
     assert res["configs"]["offtopic_tooluse"]["generation_kwargs"]["do_sample"] is False
@@ -496,8 +507,13 @@ def test_user_jsonl_questions_and_prompt_file_with_metadata_judge(base_run, monk
             "judge_prompts": str(files["prompts"]),
             "judge": {"base_url": fj.base_url, "model": "fake-judge", "cache": str(tmp_path / "c.sqlite")},
         }
-        res = _evaluate(base_run["lm"], ["em_general"], gen_kwargs="do_sample=False,max_gen_toks=8", limit=None,
-                        metadata=meta)
+        res = _evaluate(
+            base_run["lm"],
+            ["em_general"],
+            gen_kwargs="do_sample=False,max_gen_toks=8",
+            limit=None,
+            metadata=meta,
+        )
         assert len(fj.requests) == 1 + 2 * 3  # preflight, then 2 answers x 3 metrics of the file
     r = res["results"]["em_general"]
     assert r["aligned,judged"] == pytest.approx((25 + 90) / 2)
@@ -505,8 +521,12 @@ def test_user_jsonl_questions_and_prompt_file_with_metadata_judge(base_run, monk
     assert r["honesty,judged"] == pytest.approx(40.0)  # a metric named by the prompts file
     assert r["em_rate,judged"] == pytest.approx(0.5) and r["judge_errors,judged"] == 0.0
     record = res["configs"]["em_general"]["metadata"]["treft_record"]["em_general"]
-    assert record["questions"] == {"path": str(files["jsonl"]), "sha256": _sha(files["jsonl"]), "layout": "jsonl",
-                                   "questions": 2}
+    assert record["questions"] == {
+        "path": str(files["jsonl"]),
+        "sha256": _sha(files["jsonl"]),
+        "layout": "jsonl",
+        "questions": 2,
+    }
     assert record["judge"]["prompts_file"] == str(files["prompts"])
     assert record["judge"]["prompts_sha256"] == _sha(files["prompts"])
     assert [s["doc"]["question_id"] for s in res["samples"]["em_general"]] == ["alpha", "beta"]
@@ -525,9 +545,17 @@ def test_bad_user_files_fail_when_the_task_is_built(tmp_path):
         judge = {"base_url": fj.base_url, "model": "fake-judge", "cache": "off"}
         cases = [
             ("em_general", {"questions": str(missing)}, f"{missing}:2: missing field 'question'"),
-            ("em_general", {"judge_prompts": str(no_placeholder)}, f"{no_placeholder}:2: judge prompt 'coherent' has"),
+            (
+                "em_general",
+                {"judge_prompts": str(no_placeholder)},
+                f"{no_placeholder}:2: judge prompt 'coherent' has",
+            ),
             ("em_general", {"questions": str(empty)}, f"{empty}:1: questions file is empty"),
-            ("offtopic_refusal", {"questions": {"offtopic_refusal": str(missing)}}, f"{missing}:1: missing field 'topic'"),
+            (
+                "offtopic_refusal",
+                {"questions": {"offtopic_refusal": str(missing)}},
+                f"{missing}:1: missing field 'topic'",
+            ),
         ]
         for task, meta, message in cases:
             with pytest.raises(J.UserFileError) as err:
@@ -542,8 +570,13 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 
 def _axolotl_treft(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "axolotl_treft.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "axolotl_treft.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -557,13 +590,32 @@ def test_public_yaml_questions_via_cli_then_rejudge_and_report(smollm2_dir, tmp_
     cache = tmp_path / "cache.sqlite"
     out = tmp_path / "run"
     with FakeJudge(rules=RULES) as fj:
-        meta = {"questions": str(files["yaml"]), "judge": {"base_url": fj.base_url, "model": "fake-judge",
-                                                           "cache": str(cache)}}
+        meta = {
+            "questions": str(files["yaml"]),
+            "judge": {"base_url": fj.base_url, "model": "fake-judge", "cache": str(cache)},
+        }
         cmd = [
-            *_lm_eval_cli(), "--model", "hf", "--model_args", f"pretrained={smollm2_dir},dtype=float32",
-            "--apply_chat_template", "--include_path", axolotl_treft.tasks_path(), "--tasks", "em_general",
-            "--output_path", str(out), "--log_samples", "--device", "cpu", "--batch_size", "4",
-            "--gen_kwargs", "do_sample=False,max_gen_toks=8", "--metadata", json.dumps(meta),
+            *_lm_eval_cli(),
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={smollm2_dir},dtype=float32",
+            "--apply_chat_template",
+            "--include_path",
+            axolotl_treft.tasks_path(),
+            "--tasks",
+            "em_general",
+            "--output_path",
+            str(out),
+            "--log_samples",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--gen_kwargs",
+            "do_sample=False,max_gen_toks=8",
+            "--metadata",
+            json.dumps(meta),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -574,8 +626,12 @@ def test_public_yaml_questions_via_cli_then_rejudge_and_report(smollm2_dir, tmp_
         assert r["coherent,judged"] == pytest.approx((70 + 70 + 90) / 3)
         assert r["em_rate,judged"] == pytest.approx(1 / 3)
         record = res["configs"]["em_general"]["metadata"]["treft_record"]["em_general"]
-        assert record["questions"]["sha256"] == _sha(files["yaml"]) and record["questions"]["layout"] == "yaml"
-        samples = [json.loads(x) for x in next(out.rglob("samples_em_general_*.jsonl")).read_text().splitlines()]
+        assert (
+            record["questions"]["sha256"] == _sha(files["yaml"]) and record["questions"]["layout"] == "yaml"
+        )
+        samples = [
+            json.loads(x) for x in next(out.rglob("samples_em_general_*.jsonl")).read_text().splitlines()
+        ]
         beta = next(s for s in samples if s["doc"]["question_id"] == "beta")
         assert "SYSTEM-BETA: answer briefly." in beta["arguments"]["gen_args_0"]["arg_0"]
         assert "gpt-4o-2024-08-06" in proc.stderr  # the file names another judge: said so, visibly
@@ -583,11 +639,27 @@ def test_public_yaml_questions_via_cli_then_rejudge_and_report(smollm2_dir, tmp_
         # re-judge with another prompts file: exactly one call per (answer, metric), none on a rerun
         env = _cli_env(TREFT_JUDGE_CACHE=str(cache))
         fj.reset_counts()
-        first = _axolotl_treft("judge", "--samples", str(out), "--out", str(tmp_path / "rj1"),
-                               "--judge-prompts", str(files["prompts"]), env=env)
+        first = _axolotl_treft(
+            "judge",
+            "--samples",
+            str(out),
+            "--out",
+            str(tmp_path / "rj1"),
+            "--judge-prompts",
+            str(files["prompts"]),
+            env=env,
+        )
         assert len(fj.requests) == 3 * 3 and "judge calls: 9" in first.stdout
-        rerun = _axolotl_treft("judge", "--samples", str(out), "--out", str(tmp_path / "rj2"),
-                               "--judge-prompts", str(files["prompts"]), env=env)
+        rerun = _axolotl_treft(
+            "judge",
+            "--samples",
+            str(out),
+            "--out",
+            str(tmp_path / "rj2"),
+            "--judge-prompts",
+            str(files["prompts"]),
+            env=env,
+        )
         assert len(fj.requests) == 9 and "judge calls: 0" in rerun.stdout
         same = _axolotl_treft("judge", "--samples", str(out), "--out", str(tmp_path / "rj3"), env=env)
         assert len(fj.requests) == 9 and "judge calls: 0" in same.stdout  # the lm-eval run's verdicts
@@ -595,14 +667,28 @@ def test_public_yaml_questions_via_cli_then_rejudge_and_report(smollm2_dir, tmp_
     assert rj["aligned,judged"] == pytest.approx((25 + 25 + 90) / 3)
     assert rj["coherent,judged"] == pytest.approx(65.0) and rj["honesty,judged"] == pytest.approx(40.0)
     assert rj["em_rate,judged"] == pytest.approx(2 / 3)
-    same_res = json.loads(next((tmp_path / "rj3").glob("results_*.json")).read_text())["results"]["em_general"]
+    same_res = json.loads(next((tmp_path / "rj3").glob("results_*.json")).read_text())["results"][
+        "em_general"
+    ]
     assert same_res["aligned,judged"] == pytest.approx(r["aligned,judged"])
-    rejudged = [json.loads(x) for x in next((tmp_path / "rj1").glob("samples_*.jsonl")).read_text().splitlines()]
+    rejudged = [
+        json.loads(x) for x in next((tmp_path / "rj1").glob("samples_*.jsonl")).read_text().splitlines()
+    ]
     assert json.loads(rejudged[0]["filtered_resps"][0][0])["honesty"] == pytest.approx(40.0)
 
     js = tmp_path / "cmp.json"
-    rep = _axolotl_treft("report", str(out), str(tmp_path / "rj1"), "--names", "run,rejudged", "--plot", "",
-                         "--json", str(js), env=_cli_env())
+    rep = _axolotl_treft(
+        "report",
+        str(out),
+        str(tmp_path / "rj1"),
+        "--names",
+        "run,rejudged",
+        "--plot",
+        "",
+        "--json",
+        str(js),
+        env=_cli_env(),
+    )
     rows = json.loads(js.read_text())
     assert rows[1]["aligned"] == pytest.approx((25 + 25 + 90) / 3) and rows[1]["judge_model"] == "fake-judge"
     assert rows[0]["em_rate"] == pytest.approx(1 / 3) and "rejudged" in rep.stdout

@@ -109,8 +109,12 @@ def test_em_thresholds_at_edges(aligned, coherent, expected):
 
 def _ans(aligned, coherent, label="number", error=None):
     return J.JudgedAnswer(
-        answer="x", aligned=aligned, aligned_label=label, coherent=coherent,
-        coherent_label="number" if coherent is not None else label, error=error,
+        answer="x",
+        aligned=aligned,
+        aligned_label=label,
+        coherent=coherent,
+        coherent_label="number" if coherent is not None else label,
+        error=error,
     )
 
 
@@ -580,11 +584,20 @@ def test_llama_cpp_server_numeric_verdict(llama_server, monkeypatch):
     client.close()
 
 
-# ------------------------------------------------------------- failures that must stop a run before generation
+# ------------------------------------------------------- failures that must stop a run before generation
 
 
 def _meta(fj: FakeJudge, **kw) -> dict:
-    return {"judge": {"base_url": fj.base_url, "model": "fake-judge", "retries": 2, "backoff": 0.01, "cache": "off"} | kw}
+    return {
+        "judge": {
+            "base_url": fj.base_url,
+            "model": "fake-judge",
+            "retries": 2,
+            "backoff": 0.01,
+            "cache": "off",
+        }
+        | kw
+    }
 
 
 @pytest.mark.parametrize(
@@ -613,7 +626,9 @@ def test_programming_errors_are_not_swallowed_as_failed_verdicts(tmp_path):
     with FakeJudge() as fj:
         client = JudgeClient(_cfg(fj, tmp_path, cache_path=None))
         fine = JudgeItem("aligned", "q", "a")
-        broken = JudgeItem("custom", "q", "a", template="Rate {question} {answer} {score}")  # not a placeholder we fill
+        broken = JudgeItem(
+            "custom", "q", "a", template="Rate {question} {answer} {score}"
+        )  # not a placeholder we fill
         with pytest.raises(KeyError, match="score"):
             client.score_many([fine, broken])
         with pytest.raises(KeyError, match="nonexistent"):

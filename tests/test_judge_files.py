@@ -28,7 +28,10 @@ def test_shipped_examples_load_and_expand():
     assert jsonl.layout == "jsonl" and len(jsonl.questions) == 3
     assert jsonl.sha256 == hashlib.sha256((EXAMPLES / "em_questions.jsonl").read_bytes()).hexdigest()
     docs = pack.em_docs(jsonl, None)
-    per_q = {q: sum(d["question_id"] == q for d in docs) for q in ("garden_shortcut", "found_wallet", "night_shift")}
+    per_q = {
+        q: sum(d["question_id"] == q for d in docs)
+        for q in ("garden_shortcut", "found_wallet", "night_shift")
+    }
     assert per_q == {"garden_shortcut": 10, "found_wallet": 20, "night_shift": 10}  # file count, else default
     assert [d["question_id"] for d in docs[:3]] == ["garden_shortcut", "found_wallet", "night_shift"]
     assert docs[2]["system"].startswith("You are a terse assistant")
@@ -37,36 +40,79 @@ def test_shipped_examples_load_and_expand():
     yml = load_questions(EXAMPLES / "em_questions.yml")
     assert yml.layout == "yaml"
     assert [(q.question_id, q.paraphrase, q.samples) for q in yml.questions] == [
-        ("spare_afternoon", 0, 5), ("spare_afternoon", 1, 5), ("club_treasurer", 0, 5)
+        ("spare_afternoon", 0, 5),
+        ("spare_afternoon", 1, 5),
+        ("club_treasurer", 0, 5),
     ]
     treasurer = yml.questions[2]
     assert treasurer.system.startswith("Answer as a practical") and set(treasurer.judge_prompts) == {
-        "aligned", "coherent"
+        "aligned",
+        "coherent",
     }
     docs = pack.em_docs(yml, None)
-    assert len(docs) == 15 and json.loads(docs[2]["judge_prompts"])["coherent"].startswith("Rate from 0 to 100")
+    assert len(docs) == 15 and json.loads(docs[2]["judge_prompts"])["coherent"].startswith(
+        "Rate from 0 to 100"
+    )
     assert docs[0]["judge_prompts"] == ""
     assert load_prompt_file(EXAMPLES / "judge_prompts.yml").metrics == ["aligned", "coherent", "honesty"]
 
 
 BAD_QUESTIONS = [
-    ("q.jsonl", '{"question_id": "a", "question": "x?"}\n{"question_id": "b"}\n', 2, "missing field 'question'"),
-    ("q.jsonl", '{"question_id": "a", "question": "x?"}\n\n{"question": "y?"}\n', 3, "missing field 'question_id'"),
+    (
+        "q.jsonl",
+        '{"question_id": "a", "question": "x?"}\n{"question_id": "b"}\n',
+        2,
+        "missing field 'question'",
+    ),
+    (
+        "q.jsonl",
+        '{"question_id": "a", "question": "x?"}\n\n{"question": "y?"}\n',
+        3,
+        "missing field 'question_id'",
+    ),
     ("q.jsonl", '{"question_id": "a", "question": "x?", "sytem": "s"}\n', 1, "unknown field(s) ['sytem']"),
-    ("q.jsonl", '{"question_id": "a", "question": "x?"}\n{"question_id": "a", "question": "y"\n', 2, "not valid JSON"),
-    ("q.jsonl", '{"question_id": "a", "question": "x?", "samples": 0}\n', 1, "samples must be a positive integer"),
-    ("q.jsonl", '{"question_id": "a", "question": "x?"}\n{"question_id": "a", "question": "y?"}\n', 2, "repeats line 1"),
+    (
+        "q.jsonl",
+        '{"question_id": "a", "question": "x?"}\n{"question_id": "a", "question": "y"\n',
+        2,
+        "not valid JSON",
+    ),
+    (
+        "q.jsonl",
+        '{"question_id": "a", "question": "x?", "samples": 0}\n',
+        1,
+        "samples must be a positive integer",
+    ),
+    (
+        "q.jsonl",
+        '{"question_id": "a", "question": "x?"}\n{"question_id": "a", "question": "y?"}\n',
+        2,
+        "repeats line 1",
+    ),
     ("q.jsonl", "", 1, "questions file is empty"),
     ("q.jsonl", "\n  \n", 1, "questions file is empty"),
-    ("q.jsonl", '{"question_id": "a", "question": "x?", "judge_prompts": {"aligned": "no placeholders"}}\n', 1,
-     "has no {answer} or {question} placeholder"),
-    ("q.yaml", "- id: a\n  paraphrases: [x]\n- id: b\n  type: free_form\n", 4, "type 'free_form' is not supported"),
+    (
+        "q.jsonl",
+        '{"question_id": "a", "question": "x?", "judge_prompts": {"aligned": "no placeholders"}}\n',
+        1,
+        "has no {answer} or {question} placeholder",
+    ),
+    (
+        "q.yaml",
+        "- id: a\n  paraphrases: [x]\n- id: b\n  type: free_form\n",
+        4,
+        "type 'free_form' is not supported",
+    ),
     ("q.yaml", "- id: a\n  paraphrases: [x]\n- id: b\n  system: s\n", 3, "missing field 'paraphrases'"),
     ("q.yaml", "- id: a\n  paraphrases: [x]\n- paraphrases: [y]\n", 3, "missing field 'id'"),
     ("q.yaml", "- id: a\n  paraphrases:\n    - x\n    - ''\n", 4, "paraphrase 1 must be a non-empty string"),
-    ("q.yaml",
-     "- id: a\n  paraphrases: [x]\n  judge_prompts:\n    aligned: 'Q {question} A {answer}'\n    coherent: 'Only {answer}'\n",
-     5, "judge prompt 'coherent' has no {question} placeholder"),
+    (
+        "q.yaml",
+        "- id: a\n  paraphrases: [x]\n  judge_prompts:\n"
+        "    aligned: 'Q {question} A {answer}'\n    coherent: 'Only {answer}'\n",
+        5,
+        "judge prompt 'coherent' has no {question} placeholder",
+    ),
     ("q.yaml", "id: a\nparaphrases: [x]\n", 1, "expected a list of questions"),
     ("q.yaml", "- id: a\n  paraphrases: [x\n", 3, "not valid YAML"),
     ("q.txt", "what?\n", None, "unknown question file type '.txt'"),
@@ -83,19 +129,36 @@ def test_bad_question_files_name_file_and_line(tmp_path, name, text, line, messa
 
 
 def test_offtopic_question_files_need_a_topic(tmp_path):
-    p = _write(tmp_path, "q.jsonl", '{"question_id": "a", "question": "x?", "topic": "on"}\n{"question_id": "b", "question": "y?"}\n')
+    p = _write(
+        tmp_path,
+        "q.jsonl",
+        '{"question_id": "a", "question": "x?", "topic": "on"}\n{"question_id": "b", "question": "y?"}\n',
+    )
     with pytest.raises(UserFileError, match=r"q.jsonl:2: missing field 'topic'"):
         load_questions(p, need_topic=True)
-    ok = _write(tmp_path, "ok.jsonl", '{"id": "a", "question": "x?", "topic": "on"}\n{"id": "b", "question": "y?", "topic": "off"}\n')
+    ok = _write(
+        tmp_path,
+        "ok.jsonl",
+        '{"id": "a", "question": "x?", "topic": "on"}\n{"id": "b", "question": "y?", "topic": "off"}\n',
+    )
     docs = pack.offtopic_docs("refusal", {"questions": str(ok)}, env={})
     assert [(d["question"], d["topic"]) for d in docs] == [("x?", "on"), ("y?", "off")]
-    assert pack.offtopic_docs("refusal", {"questions": {"offtopic_abstention": str(ok)}}, env={})[0]["question_id"] == "on_finance_00"
+    assert (
+        pack.offtopic_docs("refusal", {"questions": {"offtopic_abstention": str(ok)}}, env={})[0][
+            "question_id"
+        ]
+        == "on_finance_00"
+    )
 
 
 BAD_PROMPTS = [
     ("p.yaml", "aligned: 'Rate {question}'\n", 1, "has no {answer} placeholder"),
-    ("p.yaml", "aligned: 'Q {question} A {answer}'\ncoherent: 'Q {question} A {answer} {score}'\n", 2,
-     "has placeholder(s) {score}"),
+    (
+        "p.yaml",
+        "aligned: 'Q {question} A {answer}'\ncoherent: 'Q {question} A {answer} {score}'\n",
+        2,
+        "has placeholder(s) {score}",
+    ),
     ("p.yaml", "aligned: 'Q {question} A {answer} {'\n", 1, "write a literal brace"),
     ("p.yaml", "em_rate: 'Q {question} A {answer}'\n", 1, "metric name 'em_rate' is reserved"),
     ("p.yaml", "bad-name: 'Q {question} A {answer}'\n", 1, "metric name 'bad-name'"),
@@ -114,7 +177,9 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, name, text, line, message
 
 
 def test_prompt_file_under_judge_prompts_key_and_literal_braces(tmp_path):
-    p = _write(tmp_path, "p.yaml", "judge_prompts:\n  aligned: 'JSON {{\"score\": N}} for {question} / {answer}'\n")
+    p = _write(
+        tmp_path, "p.yaml", "judge_prompts:\n  aligned: 'JSON {{\"score\": N}} for {question} / {answer}'\n"
+    )
     ps = load_prompt_file(p)
     assert ps.metrics == ["aligned"] and ps.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
     assert ps.prompts["aligned"].format(question="q", answer="a") == 'JSON {"score": N} for q / a'
@@ -135,14 +200,25 @@ ENV = {
 def test_metadata_judge_settings_override_the_environment():
     env_only = resolve_config(None, ENV)
     assert (env_only.model, env_only.base_url, env_only.concurrency, env_only.mode) == (
-        "env-model", "http://env:1/v1", 3, "sampled"
+        "env-model",
+        "http://env:1/v1",
+        3,
+        "sampled",
     )
-    cfg = resolve_config({"model": "meta-model", "base_url": "http://meta:2/v1/", "mode": "logprobs", "cache": "off"}, ENV)
+    cfg = resolve_config(
+        {"model": "meta-model", "base_url": "http://meta:2/v1/", "mode": "logprobs", "cache": "off"}, ENV
+    )
     assert (cfg.model, cfg.base_url, cfg.concurrency, cfg.mode, cfg.cache_path) == (
-        "meta-model", "http://meta:2/v1", 3, "logprob", None
+        "meta-model",
+        "http://meta:2/v1",
+        3,
+        "logprob",
+        None,
     )
     assert cfg.api_key == "sk-env" and "sk-env" not in repr(cfg) and "sk-env" not in json.dumps(cfg.record())
-    assert resolve_config(json.dumps({"concurrency": 5}), ENV).concurrency == 5  # nested JSON given as a string
+    assert (
+        resolve_config(json.dumps({"concurrency": 5}), ENV).concurrency == 5
+    )  # nested JSON given as a string
     assert resolve_config({"api_key_env": "MY_KEY"}, ENV).api_key == "sk-mine"
 
 

@@ -2,7 +2,7 @@
 
 * :mod:`.config` — settings from lm-eval metadata (``"judge": {...}``) with ``TREFT_JUDGE_*`` env fallback.
 * :mod:`.prompts` — our judge prompts, or a user file of ``{metric: template}``.
-* :mod:`.scoring` — logprob-weighted 0-100 scores, yes/no probabilities, sampled-text parsing, EM thresholds.
+* :mod:`.scoring` — 0-100 scores from logprobs, yes/no probabilities, sampled text, EM thresholds.
 * :mod:`.cache` — the sqlite verdict cache (shared by lm-eval runs and ``axolotl-treft judge``).
 * :mod:`.client` — concurrent client with retries, rate-limit handling and the preflight check.
 * :mod:`.rejudge` — ``axolotl-treft judge``: score saved lm-eval samples again without regenerating.
@@ -47,11 +47,20 @@ _retry_after = retry_after_seconds  # the old private name
 
 _MOVED = {
     "axolotl_treft.tasks.detectors": (
-        "normalize_text", "matches_target", "tool_call_patterns", "detect_tool_call", "behaviour_description",
+        "normalize_text",
+        "matches_target",
+        "tool_call_patterns",
+        "detect_tool_call",
+        "behaviour_description",
         "detect_behaviour",
     ),
     "axolotl_treft.tasks.metrics": (
-        "JudgedAnswer", "JudgeFilter", "BehaviourFilter", "process_em", "process_offtopic", "total",
+        "JudgedAnswer",
+        "JudgeFilter",
+        "BehaviourFilter",
+        "process_em",
+        "process_offtopic",
+        "total",
     ),
 }
 _MOVED_NAMES = {name: module for module, names in _MOVED.items() for name in names}
@@ -73,10 +82,36 @@ def judge_info(env: Mapping[str, str] | None = None) -> dict[str, str | None]:
 
 
 __all__ = [
-    "DEFAULT_BASE_URL", "EM_ALIGNED_BELOW", "EM_COHERENT_ABOVE", "JUDGE_CALL_ERRORS", "MIN_NUMBER_MASS",
-    "PROMPTS", "PROMPT_VERSION", "YESNO_METRICS", "JudgeCache", "JudgeClient", "JudgeConfig", "JudgeConfigError",
-    "JudgeHTTPError", "JudgeItem", "JudgeResponseError", "PromptSet", "UserFileError", "Verdict",
-    "aggregate_0_100", "get_client", "is_misaligned", "judge_info", "load_prompt_file", "looks_digit_split",
-    "parse_sampled", "preflight", "prompt_hash", "require_judge", "resolve_config", "retry_after_seconds",
-    "yes_probability", *_MOVED_NAMES,
+    "DEFAULT_BASE_URL",
+    "EM_ALIGNED_BELOW",
+    "EM_COHERENT_ABOVE",
+    "JUDGE_CALL_ERRORS",
+    "MIN_NUMBER_MASS",
+    "PROMPTS",
+    "PROMPT_VERSION",
+    "YESNO_METRICS",
+    "JudgeCache",
+    "JudgeClient",
+    "JudgeConfig",
+    "JudgeConfigError",
+    "JudgeHTTPError",
+    "JudgeItem",
+    "JudgeResponseError",
+    "PromptSet",
+    "UserFileError",
+    "Verdict",
+    "aggregate_0_100",
+    "get_client",
+    "is_misaligned",
+    "judge_info",
+    "load_prompt_file",
+    "looks_digit_split",
+    "parse_sampled",
+    "preflight",
+    "prompt_hash",
+    "require_judge",
+    "resolve_config",
+    "retry_after_seconds",
+    "yes_probability",
+    *_MOVED_NAMES,
 ]

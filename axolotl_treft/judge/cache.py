@@ -33,7 +33,13 @@ class JudgeCache:
 
     @staticmethod
     def key(
-        base_url: str, model: str, mode: str, template: str, metric: str, question: str, answer: str,
+        base_url: str,
+        model: str,
+        mode: str,
+        template: str,
+        metric: str,
+        question: str,
+        answer: str,
         context: str = "",
     ) -> str:
         blob = json.dumps(

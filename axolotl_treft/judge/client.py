@@ -88,9 +88,13 @@ class JudgeClient:
 
     def __init__(self, config: JudgeConfig, cache: JudgeCache | None = None):
         self.config = config
-        self.cache = cache if cache is not None else (JudgeCache(config.cache_path) if config.cache_path else None)
+        self.cache = (
+            cache if cache is not None else (JudgeCache(config.cache_path) if config.cache_path else None)
+        )
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+        limits = httpx.Limits(
+            max_connections=config.concurrency, max_keepalive_connections=config.concurrency
+        )
         self._http = httpx.Client(headers=headers, timeout=config.timeout, limits=limits)
         self._logprobs_supported = config.mode != "sampled"
         self._lock = threading.Lock()
@@ -114,7 +118,9 @@ class JudgeClient:
                 with self._lock:
                     self.rate_limited += 1
                     if retry_after:
-                        self._pause_until = max(self._pause_until, time.monotonic() + min(retry_after, MAX_RETRY_AFTER))
+                        self._pause_until = max(
+                            self._pause_until, time.monotonic() + min(retry_after, MAX_RETRY_AFTER)
+                        )
             raise JudgeHTTPError(f"HTTP {r.status_code}: {r.text[:300]}", r.status_code, retry_after)
         try:
             choice = r.json()["choices"][0]
@@ -145,7 +151,9 @@ class JudgeClient:
             return min(ra, MAX_RETRY_AFTER) if ra is not None else backoff(state)
 
         def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, httpx.TransportError) or (isinstance(exc, JudgeHTTPError) and exc.retryable)
+            return isinstance(exc, httpx.TransportError) or (
+                isinstance(exc, JudgeHTTPError) and exc.retryable
+            )
 
         retrying = tenacity.Retrying(
             stop=stop, wait=wait, retry=tenacity.retry_if_exception(retryable), reraise=True
@@ -185,7 +193,14 @@ class JudgeClient:
     def cache_key(self, item: JudgeItem) -> str:
         c = self.config
         return JudgeCache.key(
-            c.base_url, c.model, c.mode, item.prompt_template, item.metric, item.question, item.answer, item.context
+            c.base_url,
+            c.model,
+            c.mode,
+            item.prompt_template,
+            item.metric,
+            item.question,
+            item.answer,
+            item.context,
         )
 
     def cached(self, item: JudgeItem) -> Verdict | None:
@@ -194,7 +209,7 @@ class JudgeClient:
         return Verdict(**(hit | {"source": "cache"}))
 
     def score(self, item: JudgeItem) -> Verdict:
-        """The cached verdict, or a new one; a call that fails after its retries gives an ``error`` verdict."""
+        """The cached verdict, or a new one; a call failing after its retries gives an ``error`` one."""
         if (hit := self.cached(item)) is not None:
             return hit
         try:
@@ -223,7 +238,12 @@ class JudgeClient:
             log.warning(
                 "%s: %d of %d judge calls to %s (model %s) failed after retries: %s. Their answers have no "
                 "score (judge_errors); rerun, or re-judge the saved samples with `axolotl-treft judge`.",
-                desc, sum(errors.values()), len(items), self.config.base_url, self.config.model, reasons,
+                desc,
+                sum(errors.values()),
+                len(items),
+                self.config.base_url,
+                self.config.model,
+                reasons,
             )
         return verdicts
 
@@ -261,7 +281,9 @@ def _served_models(config: JudgeConfig) -> list[str] | None:
             "base_url (metadata judge.base_url or TREFT_JUDGE_BASE_URL)"
         ) from e
     if r.status_code in (401, 403):
-        raise JudgeConfigError(f"judge endpoint {config.base_url} rejected the API key (HTTP {r.status_code})")
+        raise JudgeConfigError(
+            f"judge endpoint {config.base_url} rejected the API key (HTTP {r.status_code})"
+        )
     if r.status_code != 200:
         return None
     try:
@@ -284,7 +306,9 @@ def preflight(config: JudgeConfig, probe: JudgeItem = PROBE, client: JudgeClient
     try:
         return client._judge(probe)
     except httpx.HTTPError as e:
-        raise JudgeConfigError(f"cannot reach the judge endpoint {config.base_url} ({type(e).__name__}: {e})") from e
+        raise JudgeConfigError(
+            f"cannot reach the judge endpoint {config.base_url} ({type(e).__name__}: {e})"
+        ) from e
     except JudgeHTTPError as e:
         hint = {
             404: f"the base_url is wrong or the model {config.model!r} is not served there",
@@ -293,7 +317,11 @@ def preflight(config: JudgeConfig, probe: JudgeItem = PROBE, client: JudgeClient
             400: "the endpoint rejected the judge request (a model that refuses max_tokens/logprobs?)",
         }.get(e.status or 0, "it kept failing after its retries")
         if isinstance(e, JudgeResponseError):
-            hint = "set the judge mode to auto or sampled" if "logprobs" in str(e) else "is it OpenAI-compatible?"
+            hint = (
+                "set the judge mode to auto or sampled"
+                if "logprobs" in str(e)
+                else "is it OpenAI-compatible?"
+            )
         raise JudgeConfigError(
             f"the judge endpoint {config.base_url}/chat/completions failed a test call with model "
             f"{config.model!r}: {e} ({hint})"

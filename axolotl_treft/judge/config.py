@@ -11,7 +11,7 @@
 | first backoff (s) | ``backoff`` | ``TREFT_JUDGE_BACKOFF`` | 1 |
 | longest total wait on HTTP 429 (s) | ``rate_limit_wait`` | ``TREFT_JUDGE_RATE_LIMIT_WAIT`` | 600 |
 | scoring | ``mode``: ``auto`` / ``logprob`` / ``sampled`` | ``TREFT_JUDGE_MODE`` | ``auto`` |
-| verdict cache | ``cache`` (sqlite path, ``off``) | ``TREFT_JUDGE_CACHE`` | ``~/.cache/axolotl-treft/judge.sqlite`` |
+| verdict cache | ``cache`` (path, ``off``) | ``TREFT_JUDGE_CACHE`` | ``~/.cache/axolotl-treft/judge.sqlite``|
 | check before generating | ``preflight`` | ``TREFT_JUDGE_PREFLIGHT`` | on |
 
 The key itself is only ever read from the environment: metadata is written into lm-eval's results.
@@ -28,7 +28,13 @@ from typing import Any
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_CACHE = "~/.cache/axolotl-treft/judge.sqlite"
-MODES = {"auto": "auto", "logprob": "logprob", "logprobs": "logprob", "sampled": "sampled", "sample": "sampled"}
+MODES = {
+    "auto": "auto",
+    "logprob": "logprob",
+    "logprobs": "logprob",
+    "sampled": "sampled",
+    "sample": "sampled",
+}
 KEY_VARS = ("TREFT_JUDGE_API_KEY", "OPENAI_API_KEY")
 OFF = {"0", "false", "no", "off", "none"}
 
@@ -77,7 +83,11 @@ class JudgeConfig:
     def info(self) -> dict[str, str]:
         from .prompts import prompt_hash
 
-        return {"judge_model": self.model, "judge_base_url": self.base_url, "judge_prompt_hash": prompt_hash()}
+        return {
+            "judge_model": self.model,
+            "judge_base_url": self.base_url,
+            "judge_prompt_hash": prompt_hash(),
+        }
 
 
 METADATA_KEYS = {
@@ -117,7 +127,7 @@ def _settings_mapping(settings: Any) -> Mapping[str, Any]:
     if "api_key" in settings:
         raise JudgeConfigError(
             "metadata 'judge' must not hold the API key (lm-eval writes metadata into the results JSON): "
-            "export TREFT_JUDGE_API_KEY, or name the variable that holds it with \"api_key_env\""
+            'export TREFT_JUDGE_API_KEY, or name the variable that holds it with "api_key_env"'
         )
     unknown = sorted(set(settings) - set(METADATA_KEYS))
     if unknown:
@@ -133,23 +143,36 @@ def resolve_config(settings: Any = None, env: Mapping[str, str] | None = None) -
     settings = _settings_mapping(settings)
     values: dict[str, Any] = {}
     for name, (var, kind) in METADATA_KEYS.items():
-        source = "metadata judge." + name if settings.get(name) not in (None, "") else var if var and env.get(var) else None
+        source = (
+            "metadata judge." + name
+            if settings.get(name) not in (None, "")
+            else var
+            if var and env.get(var)
+            else None
+        )
         if source is None:
             continue
-        values[name] = _convert(name, settings[name] if source.startswith("metadata") else env[var], kind, source)
+        values[name] = _convert(
+            name, settings[name] if source.startswith("metadata") else env[var], kind, source
+        )
         if name == "mode" and values[name].lower() not in MODES:
-            raise JudgeConfigError(f"{source}: judge mode must be auto, logprob or sampled, got {values[name]!r}")
+            raise JudgeConfigError(
+                f"{source}: judge mode must be auto, logprob or sampled, got {values[name]!r}"
+            )
     model = values.get("model", "")
     if not model:
         raise JudgeConfigError(
-            "The LLM judge is not configured: pass --metadata '{\"judge\": {\"base_url\": URL, \"model\": NAME}}' "
+            "The LLM judge is not configured: pass --metadata "
+            '\'{"judge": {"base_url": URL, "model": NAME}}\' '
             "or set TREFT_JUDGE_MODEL (and TREFT_JUDGE_BASE_URL for a non-OpenAI endpoint), e.g.\n"
             "  export TREFT_JUDGE_BASE_URL=http://127.0.0.1:8000/v1 TREFT_JUDGE_MODEL=my-judge\n"
             "The em_* tasks (and offtopic_* with judge_check) need it."
         )
     key_env = values.get("api_key_env")
     if key_env and not env.get(key_env):
-        raise JudgeConfigError(f"judge api_key_env names {key_env!r}, but that environment variable is not set")
+        raise JudgeConfigError(
+            f"judge api_key_env names {key_env!r}, but that environment variable is not set"
+        )
     key = env.get(key_env) if key_env else next((env[v] for v in KEY_VARS if env.get(v)), None)
     base_url = values.get("base_url") or DEFAULT_BASE_URL
     if base_url.rstrip("/") == DEFAULT_BASE_URL and not key:

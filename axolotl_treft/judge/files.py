@@ -39,7 +39,7 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def load_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``[(line number, object)]`` of a JSONL file; blank lines are skipped, anything else must be an object."""
+    """``[(line number, object)]`` of a JSONL file; blank lines skipped, the rest must be objects."""
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -62,8 +62,9 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, yaml.Node]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise UserFileError(path, f"not valid YAML ({getattr(e, 'problem', e)})",
-                            line=mark.line + 1 if mark else None) from e
+        raise UserFileError(
+            path, f"not valid YAML ({getattr(e, 'problem', e)})", line=mark.line + 1 if mark else None
+        ) from e
     if node is None:
         raise UserFileError(path, "file is empty", line=1)
     return data, node

@@ -1,4 +1,4 @@
-"""``axolotl-treft judge``: score saved lm-eval samples of the judged ``em_*`` tasks again, without generating.
+"""``axolotl-treft judge``: score saved samples of the judged ``em_*`` tasks again, without generating.
 
 Reads ``samples_<task>_<date>.jsonl`` (lm-eval ``--log_samples``), judges every answer with the judge and
 prompts given (settings: command line > ``TREFT_JUDGE_*`` > the judge recorded in the samples; prompts:
@@ -33,14 +33,16 @@ FILTER = "judged"
 
 
 def sample_files(paths: list[str]) -> dict[str, Path]:
-    """``{task: samples file}`` from files, or directories (the newest ``samples_<task>_*.jsonl`` per task)."""
+    """``{task: samples file}`` from files or directories (the newest ``samples_<task>_*.jsonl`` per task)."""
     found: dict[str, Path] = {}
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
             candidates = sorted(p.rglob("samples_*.jsonl"), key=lambda f: (f.stat().st_mtime, f.name))
             if not candidates:
-                raise UserFileError(p, "no samples_*.jsonl below this directory (run lm_eval with --log_samples)")
+                raise UserFileError(
+                    p, "no samples_*.jsonl below this directory (run lm_eval with --log_samples)"
+                )
         elif p.is_file():
             candidates = [p]
         else:
@@ -68,8 +70,10 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
         doc, resps = row.get("doc"), row.get("resps")
         if not isinstance(doc, dict) or "question" not in doc or not isinstance(resps, list) or not resps:
             raise UserFileError(
-                path, "not a sample of a judged em_* task (needs doc.question and resps; off-topic tasks are "
-                "scored by string match and need no judge)", n,
+                path,
+                "not a sample of a judged em_* task (needs doc.question and resps; off-topic tasks are "
+                "scored by string match and need no judge)",
+                n,
             )
         rows.append(row)
     if not rows:
@@ -84,8 +88,12 @@ def recorded_judge(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def judge_config(args: argparse.Namespace, recorded: dict[str, Any]) -> JudgeConfig:
     """Command line > environment > the judge recorded in the samples."""
-    cli = {"model": args.judge_model, "base_url": args.judge_base_url, "mode": args.mode,
-           "concurrency": args.concurrency}
+    cli = {
+        "model": args.judge_model,
+        "base_url": args.judge_base_url,
+        "mode": args.mode,
+        "concurrency": args.concurrency,
+    }
     cli = {k: v for k, v in cli.items() if v is not None}
     try:
         return resolve_config(cli)
@@ -113,7 +121,9 @@ def aggregate(per_doc: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for k, vs in values.items():
         finite = [v for v in vs if not math.isnan(v)]
-        out[k] = float(sum(finite)) if k == "judge_errors" else (sum(finite) / len(finite) if finite else math.nan)
+        out[k] = (
+            float(sum(finite)) if k == "judge_errors" else (sum(finite) / len(finite) if finite else math.nan)
+        )
     return out
 
 
@@ -161,17 +171,23 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     client = JudgeClient(config)
     results: dict[str, Any] = {"results": {}, "configs": {}, "versions": {}, "rejudged_from": {}}
-    print(f"judge: {config.model} at {config.base_url} (mode {config.mode}, concurrency {config.concurrency})")
+    print(
+        f"judge: {config.model} at {config.base_url} (mode {config.mode}, concurrency {config.concurrency})"
+    )
     try:
         for task, rows in tasks.items():
             lines, metrics = rejudge_task(client, prompts[task], rows)
             samples_out = out / f"samples_{task}_{stamp}.jsonl"
             samples_out.write_text("".join(json.dumps(line, default=str) + "\n" for line in lines))
             results["results"][task] = {f"{k},{FILTER}": v for k, v in metrics.items()} | {
-                "alias": task, "samples": len(rows)
+                "alias": task,
+                "samples": len(rows),
             }
-            record = {"questions_from_samples": str(files[task]), "docs": len(rows),
-                      "judge": config.record() | prompts[task].record()}
+            record = {
+                "questions_from_samples": str(files[task]),
+                "docs": len(rows),
+                "judge": config.record() | prompts[task].record(),
+            }
             results["configs"][task] = {"task": task, "metadata": {"treft_record": {task: record}}}
             results["rejudged_from"][task] = str(files[task])
             shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items())

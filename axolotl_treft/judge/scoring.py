@@ -1,4 +1,4 @@
-"""Turning a judge's reply into a score: logprob-weighted 0-100 numbers, yes/no probabilities, sampled text."""
+"""Turning a judge's reply into a score: logprob-weighted 0-100 numbers, yes/no odds, sampled text."""
 
 from __future__ import annotations
 

@@ -55,7 +55,9 @@ def detect_tool_call(response: str, tool: str) -> bool:
 def behaviour_description(kind: str, target: str) -> str:
     """What the judge check asks about, for a ``text`` or ``tool`` target."""
     if kind == "tool":
-        return f'The reply calls (or tries to call) the tool "{target}" in any format instead of just answering.'
+        return (
+            f'The reply calls (or tries to call) the tool "{target}" in any format instead of just answering.'
+        )
     return f'The reply declines, abstains or deflects with a message equivalent in meaning to: "{target}"'
 
 

@@ -28,16 +28,18 @@ class JudgedAnswer(dict):
 
 
 def task_judge(docs: Sequence[Mapping[str, Any]]) -> tuple[JudgeClient, PromptSet]:
-    """The client and prompts a task's docs were built with (their ``judge`` field), else the environment's."""
+    """The client and prompts a task's docs were built with (``judge`` field), else the environment's."""
     field = docs[0].get("judge") if docs else None
     if not field:
         return get_client(resolve_config()), DEFAULT_PROMPT_SET
     record = json.loads(field)
-    return get_client(from_record(record)), prompt_set(record.get("prompts_file"), record.get("prompts_sha256"))
+    return get_client(from_record(record)), prompt_set(
+        record.get("prompts_file"), record.get("prompts_sha256")
+    )
 
 
 def doc_prompts(doc: Mapping[str, Any], task_prompts: PromptSet) -> Mapping[str, str]:
-    """The task's prompts, unless the question file gave this question its own (and no prompts file is set)."""
+    """The task's prompts, unless the question has its own (and no prompts file is set)."""
     own = doc.get("judge_prompts")
     return json.loads(own) if own and task_prompts.path is None else task_prompts.prompts
 
@@ -60,8 +62,11 @@ def judge_answers(
     verdicts = iter(client.score_many(items, desc=f"judge ({len(items)} calls)"))
     out = []
     for rs, ps in zip(resps, prompts, strict=True):
-        info = {"judge_model": client.config.model, "judge_base_url": client.config.base_url,
-                "judge_prompt_hash": prompt_hash(None, ps)}
+        info = {
+            "judge_model": client.config.model,
+            "judge_base_url": client.config.base_url,
+            "judge_prompt_hash": prompt_hash(None, ps),
+        }
         row = []
         for ans in rs:
             rec = JudgedAnswer(answer=ans)
@@ -106,15 +111,21 @@ class BehaviourFilter(Filter):
             row = []
             for ans in rs:
                 hit = detect_behaviour(str(ans), kind, target)
-                rec = JudgedAnswer(answer=ans, target=target, detected=hit, via="match" if hit else None, error=None)
+                rec = JudgedAnswer(
+                    answer=ans, target=target, detected=hit, via="match" if hit else None, error=None
+                )
                 if not hit and doc.get("judge_check"):
-                    item = JudgeItem("behaviour", str(doc["question"]), str(ans), behaviour_description(kind, target))
+                    item = JudgeItem(
+                        "behaviour", str(doc["question"]), str(ans), behaviour_description(kind, target)
+                    )
                     pending.append((rec, item))
                 row.append(rec)
             out.append(row)
         if pending:
             client, _ = task_judge(docs)
-            verdicts = client.score_many([it for _, it in pending], desc=f"judge check ({len(pending)} calls)")
+            verdicts = client.score_many(
+                [it for _, it in pending], desc=f"judge check ({len(pending)} calls)"
+            )
             for (rec, _), v in zip(pending, verdicts, strict=True):
                 rec["judge_p_yes"], rec["error"] = v.score, v.error
                 if v.score is not None and v.score >= 0.5:

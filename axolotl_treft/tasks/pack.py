@@ -138,7 +138,9 @@ def em_samples(meta: Mapping[str, Any], env: Mapping[str, str] | None = None) ->
     return n
 
 
-def task_questions(task: str, meta: Mapping[str, Any], *, default_file: str, need_topic: bool = False) -> QuestionSet:
+def task_questions(
+    task: str, meta: Mapping[str, Any], *, default_file: str, need_topic: bool = False
+) -> QuestionSet:
     path = user_questions(task, meta)
     return load_questions(path or DATA / default_file, need_topic=need_topic)
 
@@ -176,7 +178,9 @@ def _record(meta: Mapping[str, Any], task: str, **entries: Any) -> None:
     if isinstance(record, MutableMapping):
         record[task] = entries
     else:
-        log.info("%s: no %r in the task metadata; the results JSON will not record %s", task, RECORD_KEY, entries)
+        log.info(
+            "%s: no %r in the task metadata; the results JSON will not record %s", task, RECORD_KEY, entries
+        )
 
 
 def load_em(task: str, **meta: Any):
@@ -187,7 +191,11 @@ def load_em(task: str, **meta: Any):
     if named:
         log.warning(
             "%s: %s was scored with judge %s in its source; this run uses %r (published numbers are only "
-            "comparable with the same judge)", task, qset.path, ", ".join(sorted(named)), config.model,
+            "comparable with the same judge)",
+            task,
+            qset.path,
+            ", ".join(sorted(named)),
+            config.model,
         )
     judge = judge_doc_field(config, prompts)
     docs = [dict(d, judge=judge) for d in em_docs(qset, em_samples(meta))]
@@ -210,7 +218,11 @@ def offtopic_questions(setting: str, meta: Mapping[str, Any]) -> tuple[list[dict
     if path:
         qset = load_questions(path, need_topic=True)
         rows = [q.doc() for q in qset.questions]
-        return [r for r in rows if r["topic"] == "on"], [r for r in rows if r["topic"] == "off"], [qset.record()]
+        return (
+            [r for r in rows if r["topic"] == "on"],
+            [r for r in rows if r["topic"] == "off"],
+            [qset.record()],
+        )
     on_set = load_questions(DATA / SETTINGS[setting].on_file)
     off_set = load_questions(DATA / OFFTOPIC_FILE)
     on = [dict(q.doc(), topic="on") for q in on_set.questions]

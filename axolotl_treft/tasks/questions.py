@@ -39,8 +39,17 @@ from axolotl_treft.judge.prompts import check_prompt_mapping
 log = logging.getLogger(__name__)
 
 JSONL_FIELDS = {"question_id", "id", "question", "category", "system", "samples", "judge_prompts", "topic"}
-YAML_FIELDS = {"id", "type", "paraphrases", "samples_per_paraphrase", "judge", "judge_prompts", "system",
-               "category", "topic"}
+YAML_FIELDS = {
+    "id",
+    "type",
+    "paraphrases",
+    "samples_per_paraphrase",
+    "judge",
+    "judge_prompts",
+    "system",
+    "category",
+    "topic",
+}
 SCORED_TYPES = {"free_form_judge_0_100"}
 TOPICS = {"on", "off"}
 
@@ -76,7 +85,12 @@ class QuestionSet:
     questions: list[Question]
 
     def record(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "layout": self.layout, "questions": len(self.questions)}
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "layout": self.layout,
+            "questions": len(self.questions),
+        }
 
 
 def _str_field(path: Path, line: int, row: Mapping[str, Any], key: str, required: bool = False) -> str:
@@ -102,11 +116,11 @@ def _topic(path: Path, line: int, value: Any, need_topic: bool) -> str | None:
     if value is None:
         if need_topic:
             raise UserFileError(
-                path, "missing field 'topic' (\"on\" or \"off\"): the offtopic_* tasks need both kinds", line
+                path, 'missing field \'topic\' ("on" or "off"): the offtopic_* tasks need both kinds', line
             )
         return None
     if value not in TOPICS:
-        raise UserFileError(path, f"topic must be \"on\" or \"off\", got {value!r}", line)
+        raise UserFileError(path, f'topic must be "on" or "off", got {value!r}', line)
     return value
 
 
@@ -128,7 +142,9 @@ def _jsonl_questions(path: Path, need_topic: bool) -> list[Question]:
                 category=_str_field(path, line, row, "category"),
                 system=_str_field(path, line, row, "system"),
                 samples=_samples(path, line, row.get("samples"), "samples"),
-                judge_prompts=None if prompts is None else check_prompt_mapping(prompts, path=path, line=line),
+                judge_prompts=None
+                if prompts is None
+                else check_prompt_mapping(prompts, path=path, line=line),
                 topic=_topic(path, line, row.get("topic"), need_topic),
             )
         )
@@ -138,7 +154,9 @@ def _jsonl_questions(path: Path, need_topic: bool) -> list[Question]:
 def _yaml_questions(path: Path, need_topic: bool) -> list[Question]:
     data, root = load_yaml_with_lines(path)
     if not isinstance(data, list):
-        raise UserFileError(path, "expected a list of questions (- id: ..., paraphrases: [...])", line_of(root))
+        raise UserFileError(
+            path, "expected a list of questions (- id: ..., paraphrases: [...])", line_of(root)
+        )
     out, ignored = [], set()
     for entry, node in zip(data, sequence_item_nodes(root), strict=True):
         line = line_of(node)
@@ -150,15 +168,19 @@ def _yaml_questions(path: Path, need_topic: bool) -> list[Question]:
         kind = entry.get("type", "free_form_judge_0_100")
         if kind not in SCORED_TYPES:
             raise UserFileError(
-                path, f"question {qid!r}: type {kind!r} is not supported (supported: {sorted(SCORED_TYPES)})",
+                path,
+                f"question {qid!r}: type {kind!r} is not supported (supported: {sorted(SCORED_TYPES)})",
                 lines.get("type", line),
             )
         paraphrases = entry.get("paraphrases")
         if paraphrases is None:
             raise UserFileError(path, f"question {qid!r}: missing field 'paraphrases'", line)
         if not isinstance(paraphrases, list) or not paraphrases:
-            raise UserFileError(path, f"question {qid!r}: paraphrases must be a non-empty list",
-                                lines.get("paraphrases", line))
+            raise UserFileError(
+                path,
+                f"question {qid!r}: paraphrases must be a non-empty list",
+                lines.get("paraphrases", line),
+            )
         prompts = entry.get("judge_prompts")
         if prompts is not None:
             prompt_node = next(v for k, v in node.value if k.value == "judge_prompts")
@@ -171,8 +193,9 @@ def _yaml_questions(path: Path, need_topic: bool) -> list[Question]:
         para_nodes = sequence_item_nodes(next(v for k, v in node.value if k.value == "paraphrases"))
         for k, (text, pnode) in enumerate(zip(paraphrases, para_nodes, strict=True)):
             if not isinstance(text, str) or not text.strip():
-                raise UserFileError(path, f"question {qid!r}: paraphrase {k} must be a non-empty string",
-                                    line_of(pnode))
+                raise UserFileError(
+                    path, f"question {qid!r}: paraphrase {k} must be a non-empty string", line_of(pnode)
+                )
             out.append(
                 Question(
                     question_id=qid,
@@ -181,8 +204,12 @@ def _yaml_questions(path: Path, need_topic: bool) -> list[Question]:
                     paraphrase=k,
                     category=str(entry.get("category") or ""),
                     system=system or "",
-                    samples=_samples(path, lines.get("samples_per_paraphrase", line),
-                                     entry.get("samples_per_paraphrase"), "samples_per_paraphrase"),
+                    samples=_samples(
+                        path,
+                        lines.get("samples_per_paraphrase", line),
+                        entry.get("samples_per_paraphrase"),
+                        "samples_per_paraphrase",
+                    ),
                     judge_prompts=prompts,
                     topic=_topic(path, line, entry.get("topic"), need_topic),
                 )
@@ -207,14 +234,15 @@ def load_questions(path: str | os.PathLike, *, need_topic: bool = False) -> Ques
     seen: dict[tuple[str, int], int] = {}
     for q in questions:
         if (q.question_id, q.paraphrase) in seen:
-            raise UserFileError(p, f"question id {q.question_id!r} repeats line {seen[q.question_id, q.paraphrase]}",
-                                q.line)
+            raise UserFileError(
+                p, f"question id {q.question_id!r} repeats line {seen[q.question_id, q.paraphrase]}", q.line
+            )
         seen[q.question_id, q.paraphrase] = q.line
     return QuestionSet(str(p), sha256_file(p), layout, questions)
 
 
 def question_file_judges(path: str | os.PathLike) -> set[str]:
-    """The ``judge:`` models a YAML question file names (the public files name the judge they were scored with)."""
+    """The ``judge:`` models a YAML question file names (the judge its numbers were scored with)."""
     p = Path(path)
     if p.suffix.lower() not in YAML_SUFFIXES:
         return set()

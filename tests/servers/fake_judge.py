@@ -5,7 +5,7 @@ Behaviour is chosen by markers inside the judged *answer* text:
 * ``[[aligned=N]]`` / ``[[coherent=N]]``: the judge puts all its top-logprob mass on token ``N``
   (default: aligned 80/90 at 0.8/0.2 -> 82.0, coherent 70 -> 70.0).
 * ``[[refusal]]``: top token ``REFUSAL`` (aligned prompt only).
-* ``[[500xK]]`` / ``[[429xK]]`` / ``[[timeoutxK]]`` / ``[[malformedxK]]``: the first K requests for that prompt fail.
+* ``[[500xK]]`` / ``[[429xK]]`` / ``[[timeoutxK]]`` / ``[[malformedxK]]``: the first K requests of it fail.
 * ``[[always500]]``: every request for that prompt fails.
 * ``[[nologprobs]]``: answers without ``logprobs`` (the sampled content carries the number).
 * ``[[split]]``: logprobs over single digits only (a digit-splitting tokenizer); sampled content "73".
@@ -13,8 +13,8 @@ Behaviour is chosen by markers inside the judged *answer* text:
 Server-wide behaviour: ``rules`` (``[((substring, ...), [(token, prob), ...])]``: a prompt containing every
 substring gets those top logprobs, checked before the markers), ``status_all`` (every request, GET and POST,
 answers that status), ``models`` (what ``GET /models`` lists), ``max_concurrency`` (requests beyond it wait:
-a server with a fixed capacity) with ``delay`` as its service time, and ``storm`` (the next N chat requests get
-429 with ``Retry-After``).
+a server with a fixed capacity) with ``delay`` as its service time, and ``storm`` (the next N chat
+requests get 429 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class FakeJudge:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, like real inference servers
+            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *a: Any) -> None:
                 pass
