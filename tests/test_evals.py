@@ -639,26 +639,13 @@ def test_public_yaml_questions_via_cli_then_rejudge_and_report(smollm2_dir, tmp_
         # re-judge with another prompts file: exactly one call per (answer, metric), none on a rerun
         env = _cli_env(TREFT_JUDGE_CACHE=str(cache))
         fj.reset_counts()
+        with_prompts = ("--judge-prompts", str(files["prompts"]))
         first = _axolotl_treft(
-            "judge",
-            "--samples",
-            str(out),
-            "--out",
-            str(tmp_path / "rj1"),
-            "--judge-prompts",
-            str(files["prompts"]),
-            env=env,
+            "judge", "--samples", str(out), "--out", str(tmp_path / "rj1"), *with_prompts, env=env
         )
         assert len(fj.requests) == 3 * 3 and "judge calls: 9" in first.stdout
         rerun = _axolotl_treft(
-            "judge",
-            "--samples",
-            str(out),
-            "--out",
-            str(tmp_path / "rj2"),
-            "--judge-prompts",
-            str(files["prompts"]),
-            env=env,
+            "judge", "--samples", str(out), "--out", str(tmp_path / "rj2"), *with_prompts, env=env
         )
         assert len(fj.requests) == 9 and "judge calls: 0" in rerun.stdout
         same = _axolotl_treft("judge", "--samples", str(out), "--out", str(tmp_path / "rj3"), env=env)

@@ -238,3 +238,25 @@ def test_bad_judge_settings_are_refused(settings, message):
         resolve_config(settings, ENV)
     assert message in str(err.value)
     assert "sk-env" not in str(err.value)
+
+
+def test_rejudge_refuses_bad_input_before_judging(tmp_path, capsys):
+    from axolotl_treft.cli import main
+
+    not_samples = _write(tmp_path, "results_2026-12-01T10-00-00.json", "{}")
+    offtopic = _write(
+        tmp_path,
+        "samples_offtopic_refusal_2026-12-01T10-00-00.123.jsonl",
+        json.dumps({"doc": {"target": "x"}, "resps": [["a"]], "filter": "judged"}) + "\n",
+    )
+    out_file = _write(tmp_path, "out.txt", "mine")
+    cases = [
+        (["--samples", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")], "samples file does not exist"),
+        (["--samples", str(not_samples), "--out", str(tmp_path / "o")], "not an lm-eval samples file name"),
+        (["--samples", str(offtopic), "--out", str(tmp_path / "o")], f"{offtopic}:1: not a sample of a judged"),
+        (["--samples", str(offtopic), "--out", str(out_file)], "--out must be a directory"),
+    ]
+    for args, message in cases:
+        assert main(["judge", *args]) == 2
+        assert message in capsys.readouterr().err
+    assert out_file.read_text() == "mine" and not (tmp_path / "o").exists()

@@ -23,7 +23,7 @@ from typing import Any
 
 from .client import JudgeClient, JudgeItem, preflight
 from .config import JudgeConfig, JudgeConfigError, resolve_config
-from .files import UserFileError
+from .files import UserFileError, load_jsonl_rows
 from .prompts import DEFAULT_PROMPT_SET, PromptSet, load_prompt_file, prompt_set
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,7 @@ def sample_files(paths: list[str]) -> dict[str, Path]:
 def read_samples(path: Path) -> list[dict[str, Any]]:
     """The judged samples of one file (one line per doc), checked to be re-judgeable."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserFileError(path, f"not valid JSON ({e.msg})", n) from e
+    for n, row in load_jsonl_rows(path):
         if row.get("filter", FILTER) != FILTER:
             continue
         doc, resps = row.get("doc"), row.get("resps")
