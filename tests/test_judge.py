@@ -318,7 +318,7 @@ FAULTS = [
 
 @pytest.mark.slow
 def test_faults_every_answer_judged_or_clear_error(tmp_path):
-    with FakeJudge() as fj:
+    with FakeJudge(delay=0.02) as fj:  # a service time, so that concurrent requests overlap
         client = JudgeClient(_cfg(fj, tmp_path))
         items = [JudgeItem(m, "q?", a) for a in FAULTS for m in ("aligned", "coherent")]
         verdicts = client.score_many(items)
