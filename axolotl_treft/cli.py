@@ -172,6 +172,10 @@ def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="max steps per run (default: the example's epochs)")
     p.add_argument("--sweep", default=None, metavar="W1,W2,...",
                    help="instead of the study: the shipped TReFT setting at each λ, plus SFT; plots the trade-off")
+    p.add_argument("--runs", default=None, metavar="NAME,...",
+                   help="study runs to train (SFT always runs; `all` for every run). Default (about 30 min): "
+                        "sft,treft_prefix_postfix,interleave,kl,inoculation,steering; also available: "
+                        "treft_prefix, treft_postfix, interleave_plus")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a 4-document eval (CI)")
     p.set_defaults(func=_cmd_demo)
     return parser
