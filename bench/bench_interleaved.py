@@ -152,8 +152,11 @@ def main() -> None:
         if isinstance(reg, Regularizer):
             reg.setup(model, reference)
     times: dict[str, list[float]] = {name: [] for name in regs}
-    for _ in range(args.iters + 1):  # the first round is warm-up
-        for name, reg in regs.items():
+    names = list(regs)
+    for round_ in range(args.iters + 1):  # the first round is warm-up
+        shift = round_ % len(names)  # rotate the order, so no configuration always runs after the same one
+        for name in names[shift:] + names[:shift]:
+            reg = regs[name]
             start = time.perf_counter()
             step(model, opt, reference, reg, inputs, segments)
             times[name].append(time.perf_counter() - start)
