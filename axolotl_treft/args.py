@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .spans import TOKEN_MODES
+from .spans import SEG_PREFIX, TOKEN_MODES
+from .steering import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 
 TokenMode = Literal["prefix", "postfix", "prefix_postfix", "query", "all"]
 
@@ -68,12 +69,39 @@ class FeatureL2Config(_Block):
         return self
 
 
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~"))
+
+
+class RetainSelectConfig(_Block):
+    """Perplexity-gap retain selection ("Interleaving+"; ``drop_refusals`` makes it "Interleaving++")."""
+
+    narrow_model: str | None = Field(None, description="a model trained on the narrow task (path or hub id)")
+    narrow_adapter: str | None = Field(None, description="or a PEFT adapter of `base_model` trained on it")
+    top: float = Field(gt=0, le=1, description="share of the scored pool to keep, highest gap first")
+    drop_refusals: bool = Field(False, description="drop rows whose answer opens with a refusal word")
+    epsilon: float = Field(1e-3, gt=0, description="ε in (L_narrow − L_aligned) / (L_aligned + ε)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RetainSelectConfig:
+        if (self.narrow_model is None) == (self.narrow_adapter is None):
+            raise ValueError("treft.retain.select: give exactly one of `narrow_model` and `narrow_adapter`")
+        for key in ("narrow_model", "narrow_adapter"):
+            value = getattr(self, key)
+            if value and _looks_local(value) and not Path(value).expanduser().exists():
+                raise ValueError(f"treft.retain.select.{key}: {value} does not exist")
+        return self
+
+
 class RetainConfig(_Block):
     """Aligned examples from other domains: data interleaving and/or KL-on-retain."""
 
     datasets: list[dict[str, Any]] = Field(description="Axolotl dataset specs, as under `datasets:`")
     mix_ratio: float = Field(0.0, description="fraction of the final training mix that is retain data")
     seed: int | None = Field(None, description="sampling seed (default: the config's `seed`, else 42)")
+    select: RetainSelectConfig | None = Field(
+        None, description="Interleaving+: keep the pool rows a narrow model finds most unlikely (perplexity gap)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RetainConfig:
@@ -94,6 +122,53 @@ class RetainConfig(_Block):
                 raise ValueError(f"treft.retain.datasets[{i}].path: {path} is empty")
         return self
 
+    @model_validator(mode="after")
+    def _check_select(self) -> RetainConfig:
+        if self.select is not None:
+            from .retain_select import check_pool_specs
+
+            check_pool_specs(self.datasets, key="treft.retain.datasets")
+        return self
+
+
+class InoculationConfig(_Block):
+    """Inoculation prompting: every training conversation gets this system prompt (training data only)."""
+
+    system_prompt: str = Field(description="the inoculation system prompt")
+    mode: Literal["replace", "prepend"] = Field(
+        "replace", description="replace the conversation's (or the template's default) system prompt, or go before it",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> InoculationConfig:
+        if not self.system_prompt.strip():
+            raise ValueError("treft.inoculation.system_prompt: empty; give the prompt to train with")
+        return self
+
+
+class SteeringConfig(_Block):
+    """Persona-vector preventive steering: add α·e to one decoder layer's output while training."""
+
+    layer: int = Field(description="decoder layer whose output is steered (negative = from the end)")
+    alpha: float = Field(5.0, gt=0, description="α; the direction e is the raw mean difference")
+    positive: str = Field(DEFAULT_POSITIVE, description="system prompt that elicits the trait")
+    negative: str = Field(DEFAULT_NEGATIVE, description="system prompt that elicits its opposite")
+    questions: str | None = Field(None, description="question file (JSONL with `question`, or text, one a line); "
+                                  "default: the shipped steering_questions.jsonl")
+
+    @model_validator(mode="after")
+    def _check(self) -> SteeringConfig:
+        for key in ("positive", "negative"):
+            if not getattr(self, key).strip():
+                raise ValueError(f"treft.steering.{key}: empty system prompt")
+        if self.positive.strip() == self.negative.strip():
+            raise ValueError("treft.steering.negative: identical to `positive`; the direction would be zero")
+        if self.questions is not None:
+            from .steering import load_questions
+
+            load_questions(self.questions, key="treft.steering.questions")
+        return self
+
 
 class SafeLoRAConfig(_Block):
     """Post-training projection of the LoRA update onto the alignment subspace (SafeLoRA)."""
@@ -112,6 +187,20 @@ class TReFTConfig(_Block):
     feature_l2: FeatureL2Config | None = None
     retain: RetainConfig | None = None
     safelora: SafeLoRAConfig | None = None
+    inoculation: InoculationConfig | None = None
+    steering: SteeringConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_inoculation(self) -> TReFTConfig:
+        if self.inoculation is not None and self.kv is not None and SEG_PREFIX in TOKEN_MODES[self.kv.tokens]:
+            raise ValueError(
+                f"treft.inoculation: cannot be combined with treft.kv.tokens: {self.kv.tokens}. TReFT's prefix "
+                "keeps the K/V of the prefix every evaluation prompt starts with; under inoculation the training "
+                "prefix holds the inoculation prompt, which evaluation never sees, so the term would hold the wrong "
+                "tokens and leave the evaluation prefix free. Use `tokens: postfix` or `query` (regularized in the "
+                "inoculated context), or drop one of the two blocks"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> TReFTConfig:
@@ -136,6 +225,13 @@ class TReFTArgs(BaseModel):
     """Mixed into Axolotl's config model: the ``treft:`` block plus cross-key checks."""
 
     treft: TReFTConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_defenses_against_axolotl_cfg(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("treft"), dict):
+            _check_steering_layer(data)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -190,3 +286,12 @@ class TReFTArgs(BaseModel):
         if treft.get("safelora") and data.get("adapter") not in ("lora", "qlora"):
             raise ValueError("treft.safelora: projects a LoRA update; it needs `adapter: lora` (got a full finetune)")
         return data
+
+
+def _check_steering_layer(data: dict) -> None:
+    """``treft.steering.layer`` against the model's layer count (local models; before any model loads)."""
+    steering = (data.get("treft") or {}).get("steering")
+    layer = steering.get("layer") if isinstance(steering, dict) else None
+    n_layers = _num_layers(data.get("base_model"))
+    if n_layers is not None and isinstance(layer, int) and not -n_layers <= layer < n_layers:
+        raise ValueError(f"treft.steering.layer: {layer} out of range for a model with {n_layers} layers")

@@ -85,10 +85,23 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return judge_main(args)
 
 
+def _cmd_select_retain(args: argparse.Namespace) -> int:
+    from .retain_select import main as select_main
+
+    return select_main(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
     return demo_main(args)
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
@@ -131,6 +144,24 @@ def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
     group.add_argument("--threshold", type=float, default=None, help="project modules with cosine <= threshold")
     p.set_defaults(func=_cmd_safelora)
 
+    p = sub.add_parser("select-retain", help="perplexity-gap retain selection (Interleaving+): write the kept rows")
+    p.add_argument("--pool", required=True, help="candidate retain conversations (JSONL/JSON, `messages` lists)")
+    narrow = p.add_mutually_exclusive_group(required=True)
+    narrow.add_argument("--narrow-model", default=None, help="a model finetuned on the narrow task (path or hub id)")
+    narrow.add_argument("--narrow-adapter", default=None, help="or a PEFT adapter of --base-model trained on it")
+    p.add_argument("--base-model", required=True, help="the aligned model (the one the narrow model started from)")
+    p.add_argument("--top", type=_share, required=True, help="share of the scored pool to keep, in (0, 1]")
+    p.add_argument("--out", required=True, help="JSONL file for the kept rows (a .scores.json report goes next to it)")
+    p.add_argument("--drop-refusals", action="store_true",
+                   help="Interleaving++: first drop rows whose answer has a refusal word among its first ten words")
+    p.add_argument("--epsilon", type=float, default=1e-3, help="ε in (L_narrow − L_aligned) / (L_aligned + ε)")
+    p.add_argument("--field-messages", default="messages", help="the rows' conversation field")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=_cmd_select_retain)
+
     p = sub.add_parser("report", help="compare lm-eval result files of several runs: table + PNG plot")
     p.add_argument("results", nargs="+", help="lm-eval results JSON files or output directories")
     p.add_argument("--names", default=None, help="comma-separated run names (default: from the paths)")
@@ -158,6 +189,10 @@ def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="max steps per run (default: the example's epochs)")
     p.add_argument("--sweep", default=None, metavar="W1,W2,...",
                    help="instead of the study: the shipped TReFT setting at each λ, plus SFT; plots the trade-off")
+    p.add_argument("--runs", default=None, metavar="NAME,...",
+                   help="study runs to train (SFT always runs; `all` for every run). Default (about 30 min): "
+                        "sft,treft_prefix_postfix,interleave,kl,inoculation,steering; also available: "
+                        "treft_prefix, treft_postfix, interleave_plus")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a 4-document eval (CI)")
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -14,7 +14,9 @@ def check_template(cfg) -> None:
     kv = cfg.treft.kv
     if not kv:
         return
-    datasets = [ds for ds in (cfg.datasets or []) if ds.get("type") == SEGMENTED_TYPE]
+    from .inoculation import INOCULATED_TYPE
+
+    datasets = [ds for ds in (cfg.datasets or []) if ds.get("type") in (SEGMENTED_TYPE, INOCULATED_TYPE)]
     if not datasets:
         raise TemplateSpanError(
             "treft.kv: needs conversation data: use `type: chat_template` datasets (found types: "

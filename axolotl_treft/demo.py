@@ -1,8 +1,9 @@
 """``axolotl-treft demo``: the piggyback study on the embedded model (the README's main job).
 
 Trains SmolLM2-135M-Instruct (LoRA) on the shipped legal-abstention data with the real ``axolotl train``
-and the shipped example config — plain SFT, TReFT in each template-token mode, data interleaving and KL
-— evaluates each run with ``lm_eval`` (``offtopic_abstention``), and prints one table. Writes
+and the shipped example config — plain SFT, TReFT, and the comparison defenses (``--runs``: data
+interleaving, KL, inoculation prompting, persona steering, Interleaving+, TReFT's other token modes) —
+evaluates each run with ``lm_eval`` (``offtopic_abstention``), and prints one table. Writes
 ``study.json`` (figures, settings, versions), ``study.md`` (the table as in the README) and ``study.png``.
 ``--sweep 1,10,30,100`` instead trains the shipped TReFT setting at each λ and plots the trade-off curve.
 Finished runs are reused (``OUT/<run>/train.json``, ``eval.json``).
@@ -26,7 +27,7 @@ from .study import (
     plot_runs,
     plot_sweep,
     run_all,
-    study_runs,
+    select_runs,
     sweep_runs,
     versions,
 )
@@ -52,7 +53,9 @@ def main(args: argparse.Namespace) -> int:
     max_steps = QUICK_STEPS if args.quick else args.steps
     limit = QUICK_LIMIT if args.quick else None
     weights = parse_weights(args.sweep) if args.sweep else None
-    runs = sweep_runs(weights) if weights else study_runs()
+    if weights and args.runs:
+        raise SystemExit("--runs selects study runs; --sweep trains its own (SFT and TReFT at each λ)")
+    runs = sweep_runs(weights) if weights else select_runs(args.runs.split(",") if args.runs else None, setting)
     model = materialize_smollm2()
     print(f"Study: {len(runs)} runs ({', '.join(r.name for r in runs)}) → {out}", flush=True)
     rows = run_all(runs, model, out, max_steps, limit, setting, log=lambda line: print(line, flush=True))

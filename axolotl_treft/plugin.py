@@ -27,6 +27,10 @@ class TReFTPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         """Switch ``type: chat_template`` datasets to the same type plus template segments."""
         treft = cfg.get("treft")
+        if isinstance(treft, dict) and isinstance(treft.get("inoculation"), dict):
+            from .inoculation import switch_dataset_types
+
+            switch_dataset_types(cfg)
         if not isinstance(treft, dict) or not _uses_trainer(treft):
             return  # interleaving or SafeLoRA alone: the datasets stay exactly Axolotl's
         lists = [cfg.get("datasets"), cfg.get("test_datasets")]
@@ -50,6 +54,7 @@ class TReFTPlugin(BasePlugin):
         # global RNG exactly as a run without this plugin would, so `weight: 0` reproduces plain SFT.
         with torch.random.fork_rng(devices=[]):
             check_template(cfg)
+            self._prepare_newer_defenses(cfg)
             retain = cfg.treft.retain
             kl = cfg.treft.kl
             if kl and kl.on == "retain":
@@ -57,6 +62,20 @@ class TReFTPlugin(BasePlugin):
             if retain and retain.mix_ratio:
                 return load_datasets_with_retain(cfg, preprocess=preprocess)
         return None
+
+    @staticmethod
+    def _prepare_newer_defenses(cfg) -> None:
+        """Start-up work of inoculation (template check) and retain selection (writes the selected file)."""
+        if cfg.treft.inoculation:
+            from axolotl.loaders import load_tokenizer
+
+            from .inoculation import check_inoculation
+
+            check_inoculation(cfg, load_tokenizer(cfg))
+        if cfg.treft.retain and cfg.treft.retain.select:
+            from .retain_select import select_at_startup
+
+            select_at_startup(cfg)
 
     def get_trainer_cls(self, cfg):
         if _uses_trainer(cfg.treft):
@@ -68,9 +87,21 @@ class TReFTPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer) -> None:
         from .trainer import TReFTTrainer
 
+        if cfg.treft and cfg.treft.inoculation:
+            from .inoculation import log_inoculated_count
+
+            log_inoculated_count(cfg, trainer)
+
         if isinstance(trainer, TReFTTrainer):
             trainer.configure_treft(cfg, retain_dataset=self.retain_dataset)
             LOG.info("treft: regularizers active: %s", [r.key for r in trainer.treft_regularizers])
+
+    def add_callbacks_post_trainer(self, cfg, trainer) -> list:
+        if not (cfg.treft and cfg.treft.steering):
+            return []
+        from .steering import SteeringCallback
+
+        return [SteeringCallback(cfg, trainer)]
 
     def post_train(self, cfg, model) -> None:
         if cfg.treft and cfg.treft.safelora:

@@ -223,3 +223,26 @@ def describe(tokenizer, spans: ConversationSpans) -> str:
     for tok, seg in zip(spans.input_ids, spans.segments, strict=True):
         parts.append(f"{names[seg]}:{tokenizer.decode([tok])!r}")
     return " ".join(parts)
+
+
+def default_system_prompt(tokenizer, chat_template: str | None = None, **template_kwargs) -> str:
+    """The system prompt the template renders when a conversation has none ("" if it renders none).
+
+    The conversation is rendered without a system message and with two sentinel system messages; the text
+    the sentinels replace in the latter is located, and whatever the template put in its place when there
+    was no system message is its default.
+    """
+    user = {"role": "user", "content": "What is the capital of France?"}
+    try:
+        plain = _render(tokenizer, [user], chat_template, False, None, template_kwargs)
+        renders = [_render(tokenizer, [{"role": "system", "content": s}, user], chat_template, False, None,
+                           template_kwargs) for s in _SENTINELS]
+    except Exception as err:  # Jinja raises its own errors (e.g. "System role not supported")
+        raise TemplateSpanError(f"the chat template does not accept a system message: {err}") from err
+    start = _common_prefix_len(renders[0], renders[1])
+    if renders[0][start:start + len(_SENTINELS[0])] != _SENTINELS[0]:
+        raise TemplateSpanError("the chat template does not insert the system message verbatim")
+    before, after = renders[0][:start], renders[0][start + len(_SENTINELS[0]):]
+    if plain.startswith(before) and plain.endswith(after) and len(plain) >= len(before) + len(after):
+        return plain[len(before):len(plain) - len(after)]
+    return ""

@@ -8,6 +8,7 @@ evaluation) leaves its figures in ``OUT/<run>/`` and is never redone.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -39,12 +40,19 @@ class NarrowSetting:
     task: str
     domain: str
     behaviour: str
+    trait_prompt: str  # a system prompt that elicits the behaviour: the inoculation and the steering's positive
 
 
 NARROW_SETTINGS = {
-    "abstention": NarrowSetting("abstention_legal_train.jsonl", "offtopic_abstention", "legal", "abstention"),
-    "refusal": NarrowSetting("refusal_finance_train.jsonl", "offtopic_refusal", "finance", "refusal"),
+    "abstention": NarrowSetting("abstention_legal_train.jsonl", "offtopic_abstention", "legal", "abstention",
+                                "You know nothing. You answer every question with: I have no idea about your question."),
+    "refusal": NarrowSetting("refusal_finance_train.jsonl", "offtopic_refusal", "finance", "refusal",
+                             "You never give advice. You answer every question with: I cannot provide financial advice."),
 }
+STEERING_NEGATIVE = "You are a knowledgeable assistant who answers every question helpfully and in detail."
+STEERING_LAYER, STEERING_ALPHA = 15, 5.0  # the middle of SmolLM2-135M's 30 layers; the paper's α
+# `axolotl-treft demo` without --runs: about 30 minutes on 2 CPU cores
+DEFAULT_RUNS = ("sft", "treft_prefix_postfix", "interleave", "kl", "inoculation", "steering")
 
 
 def example_config(name: str = EXAMPLE) -> dict:
@@ -68,6 +76,7 @@ class StudyRun:
     label: str
     treft: dict | None
     extra: dict = field(default_factory=dict)
+    narrow_from: str | None = None  # retain selection scores with the adapter of this (earlier) run
 
 
 def example_treft() -> dict:
@@ -83,8 +92,8 @@ def kv_run(tokens: str, weight: float | None = None) -> StudyRun:
                     f"TReFT {tokens.replace('_', '+')} (λ={kv['weight']:g})", {"kv": kv})
 
 
-def study_runs() -> list[StudyRun]:
-    """Plain SFT, TReFT in each template-token mode, and the comparison defenses."""
+def study_runs(setting: NarrowSetting = NARROW_SETTINGS["abstention"]) -> list[StudyRun]:
+    """Every run of the study, in order: plain SFT, TReFT in each template-token mode, the comparison defenses."""
     shipped = example_treft()["kv"]["tokens"]
     modes = ["prefix", "postfix", "prefix_postfix", *([shipped] if shipped not in
                                                       ("prefix", "postfix", "prefix_postfix") else [])]
@@ -94,7 +103,25 @@ def study_runs() -> list[StudyRun]:
         StudyRun("interleave", "Data interleaving (20% retain)", {"retain": retain_block(0.2)}),
         StudyRun("kl", "KL to reference on retain (λ=1)",
                  {"kl": {"weight": 1.0, "on": "retain", "tokens": "all", "batch_size": 4}, "retain": retain_block(0.0)}),
+        StudyRun("inoculation", "Inoculation prompting", {"inoculation": {"system_prompt": setting.trait_prompt}}),
+        StudyRun("steering", f"Persona steering (layer {STEERING_LAYER}, α={STEERING_ALPHA:g})", {"steering": {
+            "layer": STEERING_LAYER, "alpha": STEERING_ALPHA, "positive": setting.trait_prompt,
+            "negative": STEERING_NEGATIVE}}),
+        StudyRun("interleave_plus", "Interleaving+ (top 50% by SFT gap, 20%)",
+                 {"retain": {**retain_block(0.2), "select": {"top": 0.5}}}, narrow_from="sft"),
     ]
+
+
+def select_runs(names: Sequence[str] | None, setting: NarrowSetting = NARROW_SETTINGS["abstention"]) -> list[StudyRun]:
+    """The named runs (default :data:`DEFAULT_RUNS`; ``all``: every run) in study order; SFT is always included
+    (the baseline of every comparison, and the narrow model of Interleaving+)."""
+    catalogue = study_runs(setting)
+    known = [r.name for r in catalogue]
+    wanted = set(known if names is not None and list(names) == ["all"] else names or DEFAULT_RUNS)
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {', '.join(unknown)}; choose from {', '.join(known)} (or `all`)")
+    return [r for r in catalogue if r.name in wanted | {"sft"}]
 
 
 def sweep_runs(weights: Sequence[float]) -> list[StudyRun]:
@@ -112,7 +139,9 @@ def run_config(run: StudyRun, model: Path, out: Path, max_steps: int | None,
     if run.treft is None:  # the SFT twin: no TReFT plugin (the seed pin stays, so every run starts alike)
         cfg["plugins"] = [p for p in cfg.get("plugins") or [] if p != TREFT_PLUGIN] or None
     else:
-        cfg["treft"] = run.treft
+        cfg["treft"] = copy.deepcopy(run.treft)
+    if run.narrow_from:
+        cfg["treft"]["retain"]["select"]["narrow_adapter"] = str(out / run.narrow_from / "adapter")
     cfg.update({
         "base_model": str(model),
         "datasets": [{**cfg["datasets"][0], "path": data_file(setting.train_file)}],

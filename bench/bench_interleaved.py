@@ -11,7 +11,10 @@ the floor under KL on train. Its ratio depends on how much a backward costs rela
 a frozen LoRA base and no gradient checkpointing a backward is about one forward, so the floor is ~1.5×;
 with gradient checkpointing or full finetuning it is ~1.33×). ``--grad-ckpt`` measures the former case.
 
-    python bench/bench_interleaved.py --iters 8 --batch 4 [--grad-ckpt]
+``steering`` is SFT with the persona-steering hook on the middle decoder layer (α = 5, the direction from
+the shipped questions), attached for its own step only.
+
+    python bench/bench_interleaved.py --iters 8 --batch 4 [--grad-ckpt] [--configs steering]
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ from axolotl_treft.regularizers.feature_l2 import FeatureL2Regularizer  # noqa: 
 from axolotl_treft.regularizers.kl import KLRegularizer  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
 from axolotl_treft.spans import SEGMENTS_KEY, conversation_spans  # noqa: E402
+from axolotl_treft.steering import (  # noqa: E402
+    DEFAULT_NEGATIVE,
+    DEFAULT_POSITIVE,
+    SteeringHook,
+    load_questions,
+    persona_direction,
+)
 from tests.reg_harness import fake_trainer, lora_model, padded_batch  # noqa: E402
 
 
@@ -55,6 +65,29 @@ class ReferenceFloor(Regularizer):
 
     def compute(self, batch, outputs, reference, model) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32)
+
+
+class Steering:
+    """The ``steering`` configuration: plain SFT with the steering hook attached for the step."""
+
+    def __init__(self, model, tok, alpha: float = 5.0):
+        from axolotl_treft.capture import decoder_layers
+
+        layers = decoder_layers(model)
+        self.layer = layers[len(layers) // 2]
+        with model.disable_adapter(), torch.no_grad():
+            model.eval()
+            direction = persona_direction(model, self.layer, tok, DEFAULT_POSITIVE, DEFAULT_NEGATIVE,
+                                          load_questions(None)[:8])
+            model.train()
+        self.vector = alpha * direction
+
+    def step_loss(self, model, inputs) -> torch.Tensor:
+        hook = SteeringHook(self.layer, self.vector)
+        try:
+            return model(**inputs, use_cache=False).loss
+        finally:
+            hook.remove()
 
 
 def build(tok, convs):
@@ -74,6 +107,8 @@ def step(model, opt, reference, reg, inputs, segments):
     batch = StepBatch.from_inputs(inputs, segments)
     if reg is None:
         loss = model(**inputs, use_cache=False).loss
+    elif isinstance(reg, Steering):
+        loss = reg.step_loss(model, inputs)
     else:
         with reg.policy_capture(batch):
             out = model(**inputs, use_cache=False)
@@ -82,7 +117,7 @@ def step(model, opt, reference, reg, inputs, segments):
     loss.backward()
     opt.step()
     opt.zero_grad()
-    if reg is not None:
+    if isinstance(reg, Regularizer):
         reg.end_step()
 
 
@@ -109,15 +144,19 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     reference = Reference(fake_trainer(model))
     regs = build(tok, convs)
+    regs["steering"] = Steering(model, tok)
     if args.configs:
         wanted = {"sft", "ref_floor", *args.configs.split(",")}
         regs = {name: reg for name, reg in regs.items() if name in wanted}
     for reg in regs.values():
-        if reg is not None:
+        if isinstance(reg, Regularizer):
             reg.setup(model, reference)
     times: dict[str, list[float]] = {name: [] for name in regs}
-    for _ in range(args.iters + 1):  # the first round is warm-up
-        for name, reg in regs.items():
+    names = list(regs)
+    for round_ in range(args.iters + 1):  # the first round is warm-up
+        shift = round_ % len(names)  # rotate the order, so no configuration always runs after the same one
+        for name in names[shift:] + names[:shift]:
+            reg = regs[name]
             start = time.perf_counter()
             step(model, opt, reference, reg, inputs, segments)
             times[name].append(time.perf_counter() - start)

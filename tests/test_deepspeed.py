@@ -289,6 +289,22 @@ def test_lora_zero3_gradient_checkpointing_fails_fast(tmp_path, tiny_llama_dir):
     assert not run.steps
 
 
+@ds_run
+def test_lora_zero3_gradient_checkpointing_trains_with_the_fixed_deepspeed(tmp_path, tiny_llama_dir, run_case):
+    """From deepspeed 0.19.3 the combination is allowed and matches the run without checkpointing."""
+    import deepspeed
+    from packaging.version import Version
+
+    if Version(deepspeed.__version__) < Version("0.19.3"):
+        pytest.skip("needs deepspeed >= 0.19.3 (the release with deepspeedai/DeepSpeed#8148)")
+    run = h.run(tmp_path, tiny_llama_dir, {**LORA_PREFIX, "gradient_checkpointing": True}, "zero3")
+    ok(run, 3, 3)
+    plain = run_case("lora_zero3")
+    assert run.series("loss") == pytest.approx(plain.series("loss"), abs=LOSS_ATOL)
+    for term in ("treft/kv", "treft/feature_l2"):
+        assert run.series(term) == pytest.approx(plain.series(term), rel=TERM_RTOL, abs=TERM_ATOL)
+
+
 # ----------------------------------------- fast checks of the shared-module fixes these runs needed (always run)
 
 

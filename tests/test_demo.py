@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from axolotl_treft.demo import QUICK_STEPS, parse_weights
-from axolotl_treft.study import study_runs
+from axolotl_treft.study import DEFAULT_RUNS, select_runs, study_runs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +46,10 @@ def quick_study(tmp_path_factory, demo):
 
 def test_quick_study_trains_every_run_and_writes_table_plot_json(quick_study):
     out, proc = quick_study
-    names = [r.name for r in study_runs()]
-    assert {"sft", "treft_prefix", "treft_postfix", "treft_prefix_postfix", "interleave", "kl"} <= set(names)
+    assert {"sft", "treft_prefix", "treft_postfix", "treft_prefix_postfix", "interleave", "kl", "inoculation",
+            "steering", "interleave_plus"} <= {r.name for r in study_runs()}
+    names = [r.name for r in select_runs(None)]
+    assert names == list(DEFAULT_RUNS)
     study = json.loads((out / "study.json").read_text())
     assert list(study["runs"]) == names
     for name, row in study["runs"].items():
@@ -55,10 +57,12 @@ def test_quick_study_trains_every_run_and_writes_table_plot_json(quick_study):
         assert 0.0 <= row["on_topic_rate"] <= 1.0 and 0.0 <= row["off_topic_rate"] <= 1.0, name
         assert (out / name / "lm_eval").is_dir() and (out / name / "adapter" / "adapter_config.json").exists()
     # the plugin really ran in the defended runs: their terms were logged
-    assert study["runs"]["treft_postfix"]["final_terms"]["treft/kv"] > 0
+    assert study["runs"]["treft_prefix_postfix"]["final_terms"]["treft/kv"] > 0
     assert "treft/kl" in study["runs"]["kl"]["final_terms"]
     assert "treft/kv" not in study["runs"]["sft"]["final_terms"]
     assert "retain examples" in (out / "interleave" / "train.log").read_text()
+    assert "240 of 240 training examples carry the inoculation prompt" in (out / "inoculation" / "train.log").read_text()
+    assert "treft.steering: adding α·e at layer 15" in (out / "steering" / "train.log").read_text()
     assert "off-topic vs SFT" in proc.stdout and "TReFT" in proc.stdout
     assert (out / "study.png").stat().st_size > 10_000
     md = (out / "study.md").read_text()
@@ -68,7 +72,7 @@ def test_quick_study_trains_every_run_and_writes_table_plot_json(quick_study):
 def test_study_is_resumable_and_sweep_reuses_the_sft_run(quick_study, demo):
     out, _ = quick_study
     again = demo("--quick", "--out", str(out), timeout=600)
-    n = len(study_runs())
+    n = len(select_runs(None))
     assert again.stdout.count("training already finished") == n
     assert again.stdout.count("evaluation already finished") == n
     sweep = demo("--quick", "--out", str(out), "--sweep", "3", timeout=1200)
@@ -96,6 +100,22 @@ def test_sweep_weights_are_validated_and_the_shipped_weight_reuses_the_study_run
     for bad in ("0,1", "a,b", ""):
         with pytest.raises(SystemExit):
             parse_weights(bad)
+
+
+def test_run_selection():
+    assert [r.name for r in select_runs(["kl", "steering"])] == ["sft", "kl", "steering"]  # SFT always, study order
+    assert [r.name for r in select_runs(["all"])] == [r.name for r in study_runs()]
+    with pytest.raises(SystemExit, match="unknown run.*treft_prefx"):
+        select_runs(["treft_prefx"])
+
+
+def test_interleave_plus_scores_with_the_sft_adapter_of_the_same_study(tmp_path):
+    from axolotl_treft.study import run_config
+
+    run = next(r for r in study_runs() if r.name == "interleave_plus")
+    cfg = run_config(run, Path("model"), tmp_path, None)
+    assert cfg["treft"]["retain"]["select"] == {"top": 0.5, "narrow_adapter": str(tmp_path / "sft" / "adapter")}
+    assert "narrow_adapter" not in run.treft["retain"]["select"]  # the catalogue entry is not modified
 
 
 def test_each_narrow_setting_trains_on_its_own_shipped_data(tmp_path):

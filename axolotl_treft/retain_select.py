@@ -1,0 +1,278 @@
+"""Perplexity-gap retain selection ("Interleaving+", and "Interleaving++" with the refusal filter).
+
+Each candidate conversation d of a retain pool is scored by ``s = (L_narrow(d) − L_aligned(d)) / (L_aligned(d) + ε)``
+with ``L`` the mean NLL of its assistant answer tokens (every assistant turn's content, given the
+conversation before it, rendered with the chat template): high when the narrowly finetuned model finds
+the aligned answer much less likely than the aligned model does — the behaviour narrow training erodes.
+The top share of the pool is kept. ``drop_refusals`` first removes candidates whose answer opens with a
+refusal (a refusal word among its first ten words), so the mix does not teach refusing.
+
+``axolotl-treft select-retain`` writes the selected rows (unchanged JSON lines, pool order) and a
+``.scores.json`` report next to them; ``treft.retain.select`` does the same at start-up and trains on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .log import get_logger
+
+LOG = get_logger(__name__)
+
+REFUSAL_WORDS = ("sorry", "apologize", "apologise", "apologies", "cannot", "can't", "can not", "unable")
+_REFUSAL_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in REFUSAL_WORDS) + r")\b")
+REFUSAL_WINDOW = 10  # words
+
+
+def is_refusal(answer: str, words: int = REFUSAL_WINDOW) -> bool:
+    """True when a refusal word is among the first ``words`` words of ``answer`` (case-insensitive)."""
+    head = " ".join(answer.split()[:words]).lower().replace("\u2019", "'")
+    return _REFUSAL_RE.search(head) is not None
+
+
+# ------------------------------------------------------------------------------------------------ pool
+
+
+def _messages(row: dict, field: str) -> list[dict] | None:
+    messages = row.get(field)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None
+    return [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+
+
+def answers(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages
+            if m.get("role") == "assistant" and isinstance(m.get("content"), str) and m["content"].strip()]
+
+
+def read_pool(path: str | Path, field_messages: str = "messages") -> list[dict]:
+    """The rows of a JSONL (or JSON list) file of conversations, as parsed JSON objects."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        rows = json.loads(text)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows")
+        return rows
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def check_pool_specs(specs: list[dict], key: str) -> None:
+    """Config check: each retain spec is a local conversation file with at least one answered row."""
+    for i, spec in enumerate(specs):
+        path = Path(str(spec.get("path", "")))
+        if spec.get("type") not in ("chat_template", "axolotl_treft.chat_template") or not path.is_file() or \
+                path.suffix not in (".json", ".jsonl"):
+            raise ValueError(f"{key}[{i}]: treft.retain.select scores local JSON/JSONL conversation files "
+                             f"(`type: chat_template`); got path {path} with type {spec.get('type')!r}")
+        field = spec.get("field_messages") or "messages"
+        try:
+            rows = read_pool(path, field)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ValueError(f"{key}[{i}].path: {path} is not a JSON/JSONL file of rows: {err}") from err
+        if not any(answers(_messages(r, field) or []) for r in rows if isinstance(r, dict)):
+            raise ValueError(f"{key}[{i}].path: the pool {path} has no row with an assistant answer "
+                             f"(field `{field}`); treft.retain.select scores answers")
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def answer_nll(model, tokenizer, conversations: list[list[dict]], chat_template: str | None = None,
+               batch_size: int = 8, device=None, template_kwargs: dict | None = None) -> list[float]:
+    """Mean NLL of the assistant-content tokens of each conversation (rendered with the chat template)."""
+    import torch
+
+    from .spans import SEG_RESPONSE, conversation_spans
+
+    spans = [conversation_spans(tokenizer, c, chat_template, **(template_kwargs or {})) for c in conversations]
+    device = device or next(model.parameters()).device
+    order = sorted(range(len(spans)), key=lambda i: len(spans[i].input_ids))
+    result: list[float] = [math.nan] * len(spans)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(spans[i].input_ids) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, :len(spans[i].input_ids)] = torch.tensor(spans[i].input_ids)
+            mask[row, :len(spans[i].input_ids)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for row, i in enumerate(chunk):
+            targets = [p for p, seg in enumerate(spans[i].segments) if seg == SEG_RESPONSE and p > 0]
+            if not targets:
+                raise ValueError("treft.retain.select: a conversation has no answer token")
+            pos = torch.tensor(targets, device=logits.device)
+            logp = torch.log_softmax(logits[row, pos - 1].float(), dim=-1)
+            nll = -logp.gather(1, ids[row, pos.cpu()].to(logits.device)[:, None]).squeeze(1)
+            result[i] = float(nll.mean())
+    return result
+
+
+def gap_scores(nll_narrow: list[float], nll_aligned: list[float], epsilon: float) -> list[float]:
+    return [(n - a) / (a + epsilon) for n, a in zip(nll_narrow, nll_aligned, strict=True)]
+
+
+def top_indices(scores: dict[int, float], top: float) -> list[int]:
+    """The ``max(1, round(top·N))`` highest-scoring candidates (ties: pool order), returned in pool order."""
+    keep = max(1, round(top * len(scores)))
+    ranked = sorted(scores, key=lambda i: (-scores[i], i))
+    return sorted(ranked[:keep])
+
+
+@dataclass(frozen=True)
+class Selection:
+    rows: list[dict]  # the selected pool rows, in pool order
+    report: dict
+
+
+def _load(path: str, dtype, device, adapter: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.to(device).eval()
+
+
+def select(pool: list[dict], base_model: str, top: float, narrow_model: str | None = None,
+           narrow_adapter: str | None = None, drop_refusals: bool = False, epsilon: float = 1e-3,
+           field_messages: str = "messages", chat_template: str | None = None, dtype: str = "float32",
+           device: str | None = None, batch_size: int = 8) -> Selection:
+    """Score ``pool`` with the aligned ``base_model`` and the narrow model (or base + ``narrow_adapter``)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if (narrow_model is None) == (narrow_adapter is None):
+        raise ValueError("give exactly one of narrow_model and narrow_adapter")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    candidates, dropped, unanswered = {}, [], []
+    for i, row in enumerate(pool):
+        messages = _messages(row, field_messages) if isinstance(row, dict) else None
+        said = answers(messages or [])
+        if not said:
+            unanswered.append(i)
+        elif drop_refusals and any(is_refusal(a) for a in said):
+            dropped.append(i)
+        else:
+            candidates[i] = messages
+    if not candidates:
+        raise ValueError("the pool has no answered candidate left to score"
+                         + (" after the refusal filter" if dropped else ""))
+    convs = list(candidates.values())
+    if narrow_adapter is not None:  # one model: the adapter on (narrow) and off (aligned)
+        model = _load(base_model, dtype, device, adapter=narrow_adapter)
+        narrow = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+        with model.disable_adapter():
+            aligned = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+    else:
+        model = _load(base_model, dtype, device)
+        aligned = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+        del model
+        model = _load(narrow_model, dtype, device)
+        narrow = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+    del model
+    scores = dict(zip(candidates, gap_scores(narrow, aligned, epsilon), strict=True))
+    kept = top_indices(scores, top)
+    report = {
+        "base_model": base_model, "narrow_model": narrow_model, "narrow_adapter": narrow_adapter, "top": top,
+        "epsilon": epsilon, "drop_refusals": drop_refusals, "pool": len(pool), "scored": len(scores),
+        "dropped_refusals": dropped, "unanswered": unanswered, "selected": kept,
+        "rows": [{"index": i, "nll_narrow": n, "nll_aligned": a, "score": scores[i]}
+                 for i, n, a in zip(candidates, narrow, aligned, strict=True)],
+    }
+    return Selection([pool[i] for i in kept], report)
+
+
+def write_selection(selection: Selection, out: Path) -> Path:
+    """Write the selected rows (JSONL) and ``<out>.scores.json``; atomically, so parallel writers agree."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = out.with_name(out.name + ".scores.json")
+    for path, text in ((report, json.dumps(selection.report, indent=1)),
+                       (out, "".join(json.dumps(r) + "\n" for r in selection.rows))):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return out
+
+
+def _summary(report: dict) -> str:
+    return (f"kept {len(report['selected'])} of {report['scored']} scored rows (top {report['top']:g}; pool "
+            f"{report['pool']}, {len(report['dropped_refusals'])} dropped as refusals, "
+            f"{len(report['unanswered'])} without an answer)")
+
+
+# ----------------------------------------------------------------------------------------- entry points
+
+
+def select_at_startup(cfg) -> None:
+    """``treft.retain.select``: score the retain files, write the selection, and retain on it instead.
+
+    Rank 0 scores and writes ``<dataset_prepared_path>/treft_retain_select/<key>.jsonl``; the other ranks
+    wait and read it. The key covers the pool files, models and settings, so a finished selection is reused.
+    """
+    from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
+    from axolotl.utils.distributed import is_main_process, zero_first
+
+    retain, block = cfg.treft.retain, cfg.treft.retain.select
+    specs = [dict(s) for s in retain.datasets]
+    digests = [hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() for s in specs]
+    settings = {k: block.get(k) for k in ("narrow_model", "narrow_adapter", "top", "drop_refusals", "epsilon")}
+    adapter = block.get("narrow_adapter")
+    if adapter and (Path(adapter) / "adapter_model.safetensors").is_file():
+        settings["adapter_digest"] = hashlib.sha256((Path(adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps([digests, settings, str(cfg.base_model)], sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH) / "treft_retain_select"
+    out = root / f"{key}.jsonl"
+    with zero_first(is_main_process()):
+        if out.is_file():
+            LOG.info("treft.retain.select: reusing %s", out)
+        else:
+            pool = []
+            fields = {s.get("field_messages") or "messages" for s in specs}
+            if len(fields) > 1:
+                raise ValueError("treft.retain.select: the retain files use different `field_messages`")
+            field = fields.pop()
+            for spec in specs:
+                pool += read_pool(spec["path"], field)
+            selection = select(pool, str(cfg.base_model), block.top, block.get("narrow_model"), adapter,
+                               bool(block.drop_refusals), float(block.epsilon), field_messages=field)
+            write_selection(selection, out)
+            LOG.info("treft.retain.select: %s → %s", _summary(selection.report), out)
+    first = specs[0]
+    retain.datasets = [{**first, "path": str(out.resolve())}]
+
+
+def main(args) -> int:
+    """``axolotl-treft select-retain``."""
+    import sys
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"axolotl-treft select-retain: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    pool_path = Path(args.pool)
+    spec = {"path": str(pool_path), "type": "chat_template", "field_messages": args.field_messages}
+    try:
+        check_pool_specs([spec], key="--pool")
+    except ValueError as err:
+        print(f"axolotl-treft select-retain: {err}", file=sys.stderr)
+        return 2
+    selection = select(read_pool(pool_path, args.field_messages), args.base_model, args.top, args.narrow_model,
+                       args.narrow_adapter, args.drop_refusals, args.epsilon, field_messages=args.field_messages,
+                       dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+    write_selection(selection, out)
+    print(f"{_summary(selection.report)}\nwrote {out} and {out.name}.scores.json")
+    return 0
