@@ -35,7 +35,8 @@ from axolotl_treft.regularizers.base import (  # noqa: E402
     ReferenceRequest,
     Regularizer,
     StepBatch,
-    run_reference_pass,
+    capture_policy,
+    regularized_terms,
 )
 from axolotl_treft.regularizers.feature_l2 import FeatureL2Regularizer  # noqa: E402
 from axolotl_treft.regularizers.kl import KLRegularizer  # noqa: E402
@@ -49,11 +50,11 @@ class ReferenceFloor(Regularizer):
 
     key = "ref_floor"
 
-    def reference_request(self, batch: StepBatch) -> ReferenceRequest:
+    def reference_request(self, batch: StepBatch, state) -> ReferenceRequest:
         return ReferenceRequest(rows=batch.valid.any(dim=1), length=batch.input_ids.shape[1], logits=True,
                                 logit_pairs=batch.valid.nonzero())
 
-    def compute(self, batch, outputs, reference, model) -> torch.Tensor:
+    def compute(self, batch, state, outputs, reference, model) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32)
 
 
@@ -75,10 +76,10 @@ def step(model, opt, reference, reg, inputs, segments):
     if reg is None:
         loss = model(**inputs, use_cache=False).loss
     else:
-        with reg.policy_capture(batch):
+        with capture_policy([reg], batch) as states:
             out = model(**inputs, use_cache=False)
-        result = run_reference_pass(reference, batch, [reg])
-        loss = out.loss + reg.weight * reg.compute(batch, out, result, model)
+        (term,) = regularized_terms(reference, batch, [reg], states, out, model)
+        loss = out.loss + reg.weight * term
     loss.backward()
     opt.step()
     opt.zero_grad()

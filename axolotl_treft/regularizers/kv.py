@@ -12,17 +12,15 @@ the rows that hold regularized tokens, truncated after the last such token.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-
 import torch
 from torch import nn
 
 from ..args import KVConfig
-from ..capture import ActivationCapture, Keep, projection_modules
+from ..capture import ActivationCapture, layer_positions, projection_modules
 from ..log import get_logger
 from ..reference import Reference
 from ..spans import SEG_PREFIX, SEGMENTS_KEY, TOKEN_MODES
-from .base import CapturingRegularizer, ReferenceRequest, StepBatch, SubBatch
+from .base import CaptureStep, CapturingRegularizer, ReferenceRequest, StepBatch
 
 LOG = get_logger(__name__)
 _EPS = 1e-12
@@ -51,6 +49,7 @@ class KVRegularizer(CapturingRegularizer):
         self.train_dataset = train_dataset
         self.samples_seen = 0
         self.samples_skipped = 0
+        self.last_selected = 0  # regularized tokens in the latest micro-batch (for logs and probes)
         self._warned = False
         self._cache: list[torch.Tensor] | None = None  # per captured module: [sum of prefix lengths, d]
         self._cache_offsets: dict[tuple[int, ...], int] = {}
@@ -58,12 +57,16 @@ class KVRegularizer(CapturingRegularizer):
     # -- setup -------------------------------------------------------------------------------------
     def _modules(self, model: nn.Module) -> list[nn.Module]:
         keys, values = projection_modules(model, "k_proj"), projection_modules(model, "v_proj")
-        idx = list(range(len(keys))) if self.cfg.layers == "all" else [i % len(keys) for i in self.cfg.layers]
+        idx = list(range(len(keys))) if self.cfg.layers == "all" else layer_positions(self.cfg.layers, len(keys), "treft.kv.layers")
         return [keys[i] for i in idx] + [values[i] for i in idx]
+
+    @property
+    def needs_reference_each_step(self) -> bool:
+        return self._cache is None
 
     def setup(self, model: nn.Module, reference: Reference) -> None:
         self._policy = ActivationCapture(self._modules(reference.policy))
-        self.reference = reference
+        self._reference = reference
         if self.cfg.tokens == "prefix":
             prefixes = self._distinct_prefixes()
             if prefixes is not None and len(prefixes) <= self.cfg.max_cached_prefixes:
@@ -89,18 +92,27 @@ class KVRegularizer(CapturingRegularizer):
 
     @torch.no_grad()
     def _build_cache(self, reference: Reference, prefixes: list[tuple[int, ...]]) -> None:
-        device = next(reference.policy.parameters()).device
-        parts: list[list[torch.Tensor]] = [[] for _ in self._policy.modules]
+        """Reference K/V of every distinct prefix, from the initial model (the policy itself before the first
+        update, else the frozen copy, e.g. when resuming a full finetune from a checkpoint)."""
+        ref_model = reference.model(allow_initial_policy=True)
+        own = ref_model is not reference.policy
+        capture = ActivationCapture(self._modules(ref_model)) if own else self._policy
+        device = next(ref_model.parameters()).device
+        parts: list[list[torch.Tensor]] = [[] for _ in capture.modules]
         offset = 0
-        for prefix in prefixes:
-            ids = torch.tensor([prefix], device=device)
-            index = torch.arange(len(prefix), device=device)
-            with self._policy.armed(index) as outs:
-                reference.forward({"input_ids": ids}, logits=False, allow_initial_policy=True)
-            for slot, out in enumerate(outs):
-                parts[slot].append(out.float())
-            self._cache_offsets[prefix] = offset
-            offset += len(prefix)
+        try:
+            for prefix in prefixes:
+                ids = torch.tensor([prefix], device=device)
+                index = torch.arange(len(prefix), device=device)
+                with capture.armed(index) as outs:
+                    reference.forward({"input_ids": ids}, logits=False, allow_initial_policy=True)
+                for slot, out in enumerate(outs):
+                    parts[slot].append(out.float())
+                self._cache_offsets[prefix] = offset
+                offset += len(prefix)
+        finally:
+            if own:
+                capture.remove()
         self._cache = [torch.cat(p) for p in parts] if prefixes else None
         LOG.info("treft.kv: cached reference K/V for %d distinct prefix(es), %d tokens", len(prefixes), offset)
 
@@ -111,7 +123,9 @@ class KVRegularizer(CapturingRegularizer):
                 "treft.kv: the batch has no template segments; TReFT needs `type: chat_template` datasets"
             )
         codes = torch.tensor(self.codes, device=batch.segments.device, dtype=batch.segments.dtype)
-        return torch.isin(batch.segments, codes)
+        selected = torch.isin(batch.segments, codes)
+        self._account(batch, selected)
+        return selected
 
     def _account(self, batch: StepBatch, selected: torch.Tensor) -> None:
         hit = torch.zeros(batch.n_samples, dtype=torch.bool, device=selected.device)
@@ -120,6 +134,7 @@ class KVRegularizer(CapturingRegularizer):
         present = torch.zeros_like(hit)
         present[batch.sample_index[batch.valid]] = True
         skipped = int((present & ~hit).sum())
+        self.last_selected = int(selected.sum())
         self.samples_seen += int(present.sum())
         self.samples_skipped += skipped
         if skipped and not self._warned:
@@ -130,40 +145,18 @@ class KVRegularizer(CapturingRegularizer):
                 skipped, self.cfg.tokens,
             )
 
-    def policy_capture(self, batch: StepBatch) -> AbstractContextManager:
-        selected = self._selected(batch)
-        self._account(batch, selected)
-        self._selection = selected
-        flat = selected.reshape(-1).nonzero().squeeze(-1)
-        return Keep(self, "_captured", self._policy.armed(flat))
-
-    def reference_request(self, batch: StepBatch) -> ReferenceRequest | None:
-        if self._cache is not None or self._ref is None:
+    def reference_request(self, batch: StepBatch, state: CaptureStep) -> ReferenceRequest | None:
+        if self._cache is not None:
             return None
-        rows = self._selection.any(dim=1)
-        if not rows.any():
-            rows = rows.clone()
-            rows[0] = True  # every rank runs the pass every step
-        positions = self._selection.nonzero()[:, 1]
-        length = int(positions.max()) + 1 if len(positions) else 1
-        return ReferenceRequest(rows=rows, length=length)
+        return super().reference_request(batch, state)
 
-    def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
-        if self._cache is not None or self._ref is None:
-            return nullcontext()  # cached prefix reference; the pass was requested by another regularizer
-        pairs = self._selection.nonzero()
-        index = sub.flat_index(pairs[:, 0], pairs[:, 1])
-        return Keep(self, "_ref_captured", self._ref.armed(index))
-
-    def _cached_reference(self, batch: StepBatch) -> list[torch.Tensor]:
+    def _cached_reference(self, batch: StepBatch, state: CaptureStep) -> list[torch.Tensor]:
         ids = batch.input_ids.cpu()
-        sel = self._selection.cpu()
+        pairs = state.pairs.cpu()
         sample = batch.sample_index.cpu()
         rows: list[torch.Tensor] = []
-        for r in range(ids.shape[0]):
-            pos = sel[r].nonzero().squeeze(-1)
-            if not len(pos):
-                continue
+        for r in torch.unique_consecutive(pairs[:, 0]).tolist():
+            pos = pairs[pairs[:, 0] == r, 1]
             # split the row's prefix positions by sample (each prefix is contiguous at its sample's start)
             sid = sample[r, pos]
             for s in torch.unique_consecutive(sid):
@@ -179,22 +172,17 @@ class KVRegularizer(CapturingRegularizer):
         index = torch.cat(rows).to(self._cache[0].device) if rows else torch.zeros(0, dtype=torch.long)
         return [c.index_select(0, index.to(c.device)) for c in self._cache]
 
-    def compute(self, batch: StepBatch, outputs, reference, model) -> torch.Tensor:
-        policy = self._captured
-        self._captured = None
-        if policy is None or any(p is None for p in policy):
+    def compute(self, batch: StepBatch, state: CaptureStep, outputs, reference, model) -> torch.Tensor:
+        policy = state.policy
+        if any(p is None for p in policy):
             raise RuntimeError("treft.kv: K/V projections were not captured during the forward pass")
         if policy[0].shape[0] == 0:
             return policy[0].sum() * 0.0
+        self._require_gradient(policy, model)
         if self._cache is not None:
-            ref_kv = [r.to(policy[0].device) for r in self._cached_reference(batch)]
+            ref_kv = [r.to(policy[0].device) for r in self._cached_reference(batch, state)]
         else:
-            ref_kv, self._ref_captured = self._ref_captured, None
-        if policy[0].requires_grad is False and torch.is_grad_enabled() and model.training and self.weight > 0:
-            raise RuntimeError(
-                "treft.kv: captured K/V carry no gradient; with gradient checkpointing set "
-                "`gradient_checkpointing_kwargs: {use_reentrant: false}`"
-            )
+            ref_kv = state.reference
         return kv_loss(policy, ref_kv)
 
     def summary(self) -> str | None:
@@ -204,7 +192,6 @@ class KVRegularizer(CapturingRegularizer):
             f"treft.kv: {self.samples_skipped} of {self.samples_seen} training samples had no "
             f"{self.cfg.tokens!r} tokens and trained with the SFT loss only"
         )
-
 
 
 def _leading(seq, value: int) -> int:
