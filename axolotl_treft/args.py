@@ -6,11 +6,13 @@ silently drops undeclared keys, which would hide typos), and every error names t
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from .spans import TOKEN_MODES
 
@@ -24,9 +26,9 @@ class _Block(BaseModel):
 class KVConfig(_Block):
     """TReFT: keep the attention K/V of the chosen template tokens close to the initial model's."""
 
-    weight: float = Field(ge=0, description="λ; 0 logs the drift without regularizing")
+    weight: float = Field(ge=0, allow_inf_nan=False, description="λ; 0 logs the drift without regularizing")
     tokens: TokenMode = Field("prefix", description="which tokens are regularized")
-    layers: Literal["all"] | list[int] = Field("all", description='"all" or a list of layer indices')
+    layers: Literal["all"] | list[StrictInt] = Field("all", description='"all" or a list of layer indices')
     max_cached_prefixes: int = Field(
         256, ge=0, description="prefix mode: distinct prefixes whose reference K/V are cached; beyond this "
         "a reference forward runs every step",
@@ -45,7 +47,7 @@ class KVConfig(_Block):
 class KLConfig(_Block):
     """λ · KL(p_ref ‖ p_θ) per token over the full vocabulary, averaged over the selected tokens."""
 
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, allow_inf_nan=False)
     on: Literal["train", "retain"] = "train"
     tokens: Literal["all", "response"] = "all"
     batch_size: int | None = Field(
@@ -56,8 +58,8 @@ class KLConfig(_Block):
 class FeatureL2Config(_Block):
     """LDIFS: squared L2 between per-layer unit-normalized hidden states of the trained and initial model."""
 
-    weight: float = Field(ge=0)
-    layers: int | list[int] = Field(5, description="N evenly spaced decoder layers, or explicit indices")
+    weight: float = Field(ge=0, allow_inf_nan=False)
+    layers: StrictInt | list[StrictInt] = Field(5, description="N evenly spaced decoder layers, or explicit indices")
 
     @model_validator(mode="after")
     def _check_layers(self) -> FeatureL2Config:
@@ -72,7 +74,7 @@ class RetainConfig(_Block):
     """Aligned examples from other domains: data interleaving and/or KL-on-retain."""
 
     datasets: list[dict[str, Any]] = Field(description="Axolotl dataset specs, as under `datasets:`")
-    mix_ratio: float = Field(0.0, description="fraction of the final training mix that is retain data")
+    mix_ratio: float = Field(0.0, allow_inf_nan=False, description="fraction of the final training mix that is retain data")
     seed: int | None = Field(None, description="sampling seed (default: the config's `seed`, else 42)")
 
     @model_validator(mode="after")
@@ -102,7 +104,7 @@ class SafeLoRAConfig(_Block):
     aligned_model: str = Field(description="the aligned (instruct) model")
     select: Literal["top_k", "threshold"] = "top_k"
     top_k: int = Field(10, ge=1)
-    threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    threshold: float = Field(0.5, ge=-1.0, le=1.0, allow_inf_nan=False)
     output_dir: str | None = Field(None, description="default: <output_dir>/safelora")
 
 
@@ -120,16 +122,51 @@ class TReFTConfig(_Block):
         return self
 
 
-def _num_layers(base_model: str | None) -> int | None:
-    """Layer count from a local model's config.json (no download, no model load)."""
+def _num_layers(base_model: str | None, trust_remote_code: bool = False) -> int | None:
+    """Layer count from the model's config: a local directory, or the Hugging Face cache (no download, no load).
+
+    None when the config is not available offline; the layer indices are then checked against the loaded model
+    when the trainer is configured, still before any training step.
+    """
     if not base_model:
         return None
     cfg_path = Path(base_model) / "config.json"
-    if not cfg_path.is_file():
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg = cfg.get("text_config", cfg)
+        return cfg.get("num_hidden_layers")
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base_model, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError):  # not in the local cache (or not a model id at all)
         return None
-    cfg = json.loads(cfg_path.read_text())
-    cfg = cfg.get("text_config", cfg)
-    return cfg.get("num_hidden_layers")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
+REGULARIZER_KEYS = ("kv", "kl", "feature_l2")
+PLUGIN_NAME = "axolotl_treft.TReFTPlugin"
+
+
+def raw_config_warnings(cfg: Mapping[str, Any]) -> list[str]:
+    """Typos that would silently turn a TReFT run into plain SFT, from the raw (unvalidated) YAML dict."""
+    found = []
+    plugins = [str(p) for p in cfg.get("plugins") or []]
+    listed = any(p.replace(":", ".") == PLUGIN_NAME for p in plugins)
+    near = [k for k in cfg if isinstance(k, str) and k != "treft"
+            and (k.lower() == "treft" or difflib.get_close_matches(k.lower(), ["treft"], cutoff=0.75))]
+    for key in near:
+        found.append(f"top-level key `{key}:` is not `treft:`; Axolotl drops unknown keys silently, so its settings "
+                     f"do nothing: rename it to `treft:`")
+    block = cfg.get("treft")
+    if block and not listed:
+        found.append(f"`treft:` is set but `{PLUGIN_NAME}` is not under `plugins:`; Axolotl drops the block and "
+                     f"trains plain SFT: add `- {PLUGIN_NAME}` to `plugins:`")
+    if listed and not block and not near:
+        found.append(f"`{PLUGIN_NAME}` is listed but the config has no `treft:` block, so this run is plain SFT: add "
+                     "one, e.g. `treft: {kv: {weight: 5.0, tokens: prefix}}`, or remove the plugin")
+    return found
 
 
 class TReFTArgs(BaseModel):
@@ -148,7 +185,27 @@ class TReFTArgs(BaseModel):
         kl_block = treft.get("kl")
         if isinstance(kl_block, dict) and True in kl_block:  # YAML 1.1 reads a bare `on:` key as True
             kl_block["on"] = kl_block.pop(True)
-        if data.get("balance_labels") and any(treft.get(k) for k in ("kv", "kl", "feature_l2")):
+        regularized = [k for k in REGULARIZER_KEYS if treft.get(k)]
+        if data.get("rl") and (regularized or treft.get("retain")):
+            raise ValueError(
+                f"rl: `rl: {data.get('rl')}` uses Axolotl's preference/RL trainers, and treft."
+                f"{'/'.join(regularized or ['retain'])} run on the SFT trainer only: remove `rl:` to finetune with "
+                "SFT, or drop those treft blocks (treft.safelora works with any trainer)"
+            )
+        fsdp_keys = [k for k in ("fsdp", "fsdp_config", "fsdp_version") if data.get(k)]
+        if fsdp_keys and regularized:
+            raise ValueError(
+                f"{fsdp_keys[0]}: FSDP is not supported with treft.{'/'.join(regularized)} (the frozen reference and "
+                "the activation hooks need the unsharded modules); use DeepSpeed instead (`deepspeed:` with "
+                "`axolotl-treft path example deepspeed/zero2` or zero3, see docs/multigpu.md)"
+            )
+        if data.get("activation_offloading") == "legacy" and (treft.get("kv") or treft.get("feature_l2")):
+            raise ValueError(
+                "activation_offloading: `legacy` runs the decoder layers under no_grad, so the K/V and feature "
+                "activations treft.kv / treft.feature_l2 regularize carry no gradient; use "
+                "`activation_offloading: true` (or `hidden_states`, or false)"
+            )
+        if data.get("balance_labels") and regularized:
             raise ValueError(
                 "balance_labels: Axolotl's label-balanced batching only accepts its own collator, and treft.kv / "
                 "treft.kl / treft.feature_l2 wrap the collator to carry template segments; set "
@@ -159,16 +216,18 @@ class TReFTArgs(BaseModel):
                 "treft.kv: `lora_qkv_kernel: true` fuses q/k/v and bypasses the k_proj/v_proj modules TReFT hooks; "
                 "set `lora_qkv_kernel: false`"
             )
-        n_layers = _num_layers(data.get("base_model"))
-        for key in ("kv", "feature_l2"):
-            block = treft.get(key) or {}
-            layers = block.get("layers") if isinstance(block, dict) else None
-            if n_layers is not None and isinstance(layers, list):
-                bad = [i for i in layers if not isinstance(i, int) or not -n_layers <= i < n_layers]
-                if bad:
-                    raise ValueError(
-                        f"treft.{key}.layers: index {bad[0]} out of range for a model with {n_layers} layers"
-                    )
+        layer_lists = {key: block.get("layers") for key in ("kv", "feature_l2")
+                       if isinstance(block := treft.get(key), dict) and isinstance(block.get("layers"), list)}
+        n_layers = _num_layers(data.get("base_model_config") or data.get("base_model"),
+                               bool(data.get("trust_remote_code"))) if layer_lists else None
+        for key, layers in layer_lists.items():
+            ints = [i for i in layers if isinstance(i, int) and not isinstance(i, bool)]
+            if len(ints) != len(layers):  # the type error comes from the field itself, naming the key
+                continue
+            bad = [i for i in ints if n_layers is not None and not -n_layers <= i < n_layers]
+            if bad:
+                raise ValueError(f"treft.{key}.layers: index {bad[0]} out of range for a model with {n_layers} "
+                                 f"layers (valid: {-n_layers}..{n_layers - 1})")
         kv = treft.get("kv")
         if isinstance(kv, dict) and kv.get("tokens") not in (None, *TOKEN_MODES):
             raise ValueError(f"treft.kv.tokens: unknown mode {kv.get('tokens')!r}; choose one of {list(TOKEN_MODES)}")
