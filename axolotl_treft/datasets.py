@@ -2,11 +2,93 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from .log import get_logger
 from .plugin import SEGMENTED_TYPE
-from .spans import TemplateSpanError, probe_template
+from .spans import SEG_MISMATCH, SEG_UNLOCATED, SEGMENTS_KEY, TOKEN_MODES, TemplateSpanError, probe_template
 
 LOG = get_logger(__name__)
+MAX_SHARE_WITHOUT_TOKENS = 0.5  # above this share of samples without regularized tokens, the run is refused
+EXAMPLES = 3
+
+
+@dataclass
+class SampleAudit:
+    """Row indices of the tokenized training set, by what they lack."""
+
+    total: int = 0
+    unsupervised: list[int] = field(default_factory=list)  # every label -100
+    unregularized: list[int] = field(default_factory=list)  # no token of the configured mode (any cause)
+    unlocated: list[int] = field(default_factory=list)  # the template hid the user turn
+    mismatched: list[int] = field(default_factory=list)  # re-rendering differs from Axolotl's tokens
+
+
+def audit_samples(dataset, mode: str | None) -> SampleAudit:
+    """Count the training samples without supervised tokens and (for ``mode``) without regularized tokens."""
+    audit = SampleAudit(total=len(dataset))
+    with_segments = mode is not None and SEGMENTS_KEY in dataset.column_names
+    columns = ["input_ids", "labels", *([SEGMENTS_KEY] if with_segments else [])]
+    codes = set(TOKEN_MODES[mode]) if mode else set()
+    row = 0
+    for chunk in dataset.select_columns(columns).iter(batch_size=2048):
+        for i, (ids, labels) in enumerate(zip(chunk["input_ids"], chunk["labels"], strict=True)):
+            if all(label == -100 for label in labels):
+                audit.unsupervised.append(row + i)
+            if with_segments:
+                seg = chunk[SEGMENTS_KEY][i][: len(ids)]
+                if not codes.intersection(seg):
+                    audit.unregularized.append(row + i)
+                    if seg and seg[0] == SEG_UNLOCATED:
+                        audit.unlocated.append(row + i)
+                    elif seg and seg[0] == SEG_MISMATCH:
+                        audit.mismatched.append(row + i)
+        row += len(chunk["input_ids"])
+    return audit
+
+
+def _examples(dataset, rows: list[int], tokenizer) -> str:
+    lines = []
+    for r in rows[:EXAMPLES]:
+        text = tokenizer.decode(dataset[r]["input_ids"][:48]) if tokenizer is not None else str(dataset[r]["input_ids"][:24])
+        lines.append(f"  row {r}: {text!r}...")
+    return "\n".join(lines)
+
+
+def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
+    """Start-up audit of the tokenized training set, before any training step.
+
+    A run in which no sample has a supervised token is refused. With ``treft.kv``: samples with no token of the
+    configured mode (spans not located, re-rendering not matching Axolotl's tokens, or truly none) are counted;
+    more than half is a template or tokenization problem and refused, fewer are a WARNING with the share.
+    """
+    if dataset is None or "labels" not in getattr(dataset, "column_names", []):
+        return None
+    kv = cfg.treft.kv if cfg.treft else None
+    audit = audit_samples(dataset, kv.tokens if kv else None)
+    if audit.total and len(audit.unsupervised) == audit.total:
+        raise ValueError(
+            f"treft: none of the {audit.total} training samples has a supervised token (every label is -100), so "
+            "nothing would be learned from the data: check that rows have an assistant turn, `roles_to_train` / "
+            "`train_on_inputs`, and that `sequence_len` (with `excess_length_strategy: truncate`) does not cut "
+            f"every response. Examples:\n{_examples(dataset, audit.unsupervised, tokenizer)}"
+        )
+    if not audit.unregularized:
+        return audit
+    share = len(audit.unregularized) / audit.total
+    detail = (f"{len(audit.unregularized)} of {audit.total} training samples ({100 * share:.1f}%) have no "
+              f"{kv.tokens!r} tokens for treft.kv ({len(audit.unlocated)} with template spans not found, "
+              f"{len(audit.mismatched)} whose re-rendered conversation differs from Axolotl's tokenization)")
+    examples = _examples(dataset, audit.unregularized, tokenizer)
+    if share > MAX_SHARE_WITHOUT_TOKENS:
+        raise ValueError(
+            f"treft.kv: {detail}; that many is a chat-template or tokenization problem, not the data. Check "
+            "`chat_template:` / `chat_template_jinja:` and `chat_template_kwargs:` (`axolotl-treft` renders each "
+            f"conversation with them and must reproduce Axolotl's tokens), or choose another `tokens:` mode. "
+            f"Examples:\n{examples}"
+        )
+    LOG.warning("treft.kv: %s; they train with the SFT loss only. Examples:\n%s", detail, examples)
+    return audit
 
 
 def check_template(cfg) -> None:
