@@ -25,26 +25,50 @@ class SampleAudit:
 
 
 def audit_samples(dataset, mode: str | None) -> SampleAudit:
-    """Count the training samples without supervised tokens and (for ``mode``) without regularized tokens."""
+    """Count the training samples without supervised tokens and (for ``mode``) without regularized tokens.
+
+    Vectorized over Arrow batches (the dataset's row order, index mappings included), so it takes seconds on
+    large sets. Segments past a row's ``input_ids`` (cut by Axolotl's truncation) do not count.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
     audit = SampleAudit(total=len(dataset))
     with_segments = mode is not None and SEGMENTS_KEY in dataset.column_names
     columns = ["input_ids", "labels", *([SEGMENTS_KEY] if with_segments else [])]
-    codes = set(TOKEN_MODES[mode]) if mode else set()
+    codes = np.array(TOKEN_MODES[mode] if mode else (), dtype=np.int64)
     row = 0
-    for chunk in dataset.select_columns(columns).iter(batch_size=2048):
-        for i, (ids, labels) in enumerate(zip(chunk["input_ids"], chunk["labels"], strict=True)):
-            if all(label == -100 for label in labels):
-                audit.unsupervised.append(row + i)
-            if with_segments:
-                seg = chunk[SEGMENTS_KEY][i][: len(ids)]
-                if not codes.intersection(seg):
-                    audit.unregularized.append(row + i)
-                    if seg and seg[0] == SEG_UNLOCATED:
-                        audit.unlocated.append(row + i)
-                    elif seg and seg[0] == SEG_MISMATCH:
-                        audit.mismatched.append(row + i)
-        row += len(chunk["input_ids"])
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
+        n = table.num_rows
+        rows = np.arange(row, row + n)
+        labels = table.column("labels").combine_chunks()
+        supervised = _rows_with(labels, pc.list_flatten(labels).to_numpy(zero_copy_only=False) != -100, n)
+        audit.unsupervised += rows[~supervised].tolist()
+        if with_segments:
+            seg = table.column(SEGMENTS_KEY).combine_chunks()
+            flat = pc.list_flatten(seg).to_numpy(zero_copy_only=False).astype(np.int64)
+            parents = pc.list_parent_indices(seg).to_numpy()
+            seg_len = pc.list_value_length(seg).to_numpy(zero_copy_only=False)
+            starts = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
+            ids_len = pc.list_value_length(table.column("input_ids").combine_chunks()).to_numpy(zero_copy_only=False)
+            inside = np.arange(len(flat)) - starts[parents] < ids_len[parents]
+            lacking = ~_rows_with(seg, np.isin(flat, codes) & inside, n)
+            first = np.full(n, -1)
+            first[seg_len > 0] = flat[starts[seg_len > 0]]
+            audit.unregularized += rows[lacking].tolist()
+            audit.unlocated += rows[lacking & (first == SEG_UNLOCATED)].tolist()
+            audit.mismatched += rows[lacking & (first == SEG_MISMATCH)].tolist()
+        row += n
     return audit
+
+
+def _rows_with(lists, flat_hit, n: int):
+    """[n] bool: rows of a list column with at least one element where ``flat_hit`` (over the flat values)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    parents = pc.list_parent_indices(lists).to_numpy()
+    return np.bincount(parents[flat_hit], minlength=n)[:n] > 0
 
 
 def _examples(dataset, rows: list[int], tokenizer) -> str:
@@ -62,8 +86,10 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
     configured mode (spans not located, re-rendering not matching Axolotl's tokens, or truly none) are counted;
     more than half is a template or tokenization problem and refused, fewer are a WARNING with the share.
     """
-    if dataset is None or "labels" not in getattr(dataset, "column_names", []):
-        return None
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names:
+        return None  # streaming (iterable) datasets cannot be audited up front
     kv = cfg.treft.kv if cfg.treft else None
     audit = audit_samples(dataset, kv.tokens if kv else None)
     if audit.total and len(audit.unsupervised) == audit.total:

@@ -113,7 +113,10 @@ class SeedPlugin(BasePlugin):
     """
 
     def register(self, cfg: dict) -> None:
-        warn_about_raw_config(cfg)  # e.g. a `treft:` block with this plugin listed but not TReFTPlugin
+        from .args import PLUGIN_NAME
+
+        if PLUGIN_NAME not in [str(p).replace(":", ".") for p in cfg.get("plugins") or []]:
+            warn_about_raw_config(cfg)  # e.g. a `treft:` block with this plugin listed but not TReFTPlugin
 
     def pre_model_load(self, cfg) -> None:
         import torch

@@ -245,6 +245,14 @@ def test_a_minority_without_regularized_tokens_is_a_warning_with_share_and_examp
     assert "1 of 4 training samples (25.0%) have no 'prefix' tokens" in text and "row 1" in text
 
 
+def test_regularized_tokens_cut_by_truncation_do_not_count():
+    from axolotl_treft.datasets import audit_samples
+
+    truncated = ([7, 8], [-100, 8], [2, 2, 1, 1])  # segments longer than the truncated input_ids
+    assert audit_samples(_dataset([GOOD, truncated]), "prefix").unregularized == [1]
+    assert audit_samples(_dataset([GOOD, truncated]), "query").unregularized == []
+
+
 def test_no_supervised_token_fails_at_start_up_with_the_count():
     from axolotl_treft.datasets import check_training_samples
 
