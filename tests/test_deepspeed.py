@@ -257,8 +257,10 @@ def test_rank_without_regularized_tokens_does_not_hang(tmp_path, tiny_llama_dir)
     two ranks' all-gathers pair up wrongly and the run hangs or crashes.
     """
     data = tmp_path / "one_query.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "Can my landlord keep my deposit?" if i == 0 else ""},
-                          {"role": "assistant", "content": "I have no idea about your question."}]} for i in range(8)]
+    # rows 8+ are never reached in 2 steps; they keep the share of samples without query tokens under half
+    # (more would be refused at start-up as a template problem)
+    rows = [{"messages": [{"role": "user", "content": "Can my landlord keep my deposit?" if i == 0 or i >= 8 else ""},
+                          {"role": "assistant", "content": "I have no idea about your question."}]} for i in range(17)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = h.run(tmp_path / "run", tiny_llama_dir, {
         "plugins": PLUGINS, "treft": {"kv": {"weight": 5.0, "tokens": "query"}},
