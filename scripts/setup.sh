@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install axolotl-treft with its test and DeepSpeed extras (CPU torch, pinned).
+# Create .venv and install axolotl-treft with its demo, test and DeepSpeed extras (CPU torch, pinned).
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,6 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}  # lla
 .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 # torch is pinned through constraints.txt: an unpinned torch would pull several GB of CUDA packages.
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,deepspeed]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[demo,test,deepspeed]"
 .venv/bin/axolotl-treft model smollm2 >/dev/null
 echo "axolotl-treft installed in .venv"

@@ -73,3 +73,12 @@ def smollm2_lora_dir(tmp_path_factory, smollm2_dir) -> Path:
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     randomize_lora_b(peft_model, 0.05).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def wheel_env(tmp_path_factory):
+    """The built wheel installed (``--no-deps``) in a fresh venv that sees the dependencies, not the checkout."""
+    from tests.wheel_env import make_wheel_env
+
+    env, _build_log = make_wheel_env(tmp_path_factory.mktemp("wheel"))
+    return env

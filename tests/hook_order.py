@@ -45,9 +45,9 @@ class Axolotl021HookOrder(BasePlugin):
             trainer = original_build(self, *args, **kwargs)
             _record("builder:set_axolotl_cfg")
             trainer.axolotl_cfg = self.cfg
-            if hasattr(trainer, "post_set_axolotl_cfg"):
-                _record("builder:post_set_axolotl_cfg")
-                trainer.post_set_axolotl_cfg()
+            # 0.21's AxolotlTrainer defines it (a no-op unless a subclass overrides it); 0.19's does not
+            _record("builder:post_set_axolotl_cfg")
+            getattr(trainer, "post_set_axolotl_cfg", lambda: None)()
             return trainer
 
         build._treft_021_order = True

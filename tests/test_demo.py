@@ -6,7 +6,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,25 +17,30 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def readme_main_command() -> list[str]:
-    """The README's first set-up command, minus its `bash scripts/setup.sh &&` part."""
+def readme_main_command(bin_dir: Path) -> list[str]:
+    """The README's first set-up command, minus its `bash scripts/setup.sh &&` part, from ``bin_dir``."""
     text = (REPO / "README.md").read_text()
     match = re.search(r"^bash scripts/setup\.sh && (\.venv/bin/axolotl-treft demo[^\n]*)$", text, re.M)
     assert match, "README must give `bash scripts/setup.sh && .venv/bin/axolotl-treft demo` as its main command"
     argv = shlex.split(match.group(1))
-    return [str(Path(sys.executable).with_name("axolotl-treft")), *argv[1:]]
-
-
-def run(argv: list[str], timeout: int) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return [str(bin_dir / "axolotl-treft"), *argv[1:]]
 
 
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory):
+def demo(wheel_env):
+    """The main command as a user runs it: the installed wheel, from a directory outside the checkout."""
+
+    def run(*args: str, timeout: int, check: bool = True) -> subprocess.CompletedProcess:
+        argv = readme_main_command(wheel_env.bin)
+        return wheel_env.run(*argv, *args, timeout=timeout, check=check)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory, demo):
     out = tmp_path_factory.mktemp("study")
-    proc = run([*readme_main_command(), "--quick", "--out", str(out)], timeout=2400)
+    proc = demo("--quick", "--out", str(out), timeout=2400)
     return out, proc
 
 
@@ -61,23 +65,22 @@ def test_quick_study_trains_every_run_and_writes_table_plot_json(quick_study):
     assert study["meta"]["date"] in md and "axolotl " + study["meta"]["versions"]["axolotl"] in md
 
 
-def test_study_is_resumable_and_sweep_reuses_the_sft_run(quick_study):
+def test_study_is_resumable_and_sweep_reuses_the_sft_run(quick_study, demo):
     out, _ = quick_study
-    again = run([*readme_main_command(), "--quick", "--out", str(out)], timeout=600)
+    again = demo("--quick", "--out", str(out), timeout=600)
     n = len(study_runs())
     assert again.stdout.count("training already finished") == n
     assert again.stdout.count("evaluation already finished") == n
-    sweep = run([*readme_main_command(), "--quick", "--out", str(out), "--sweep", "3"], timeout=1200)
+    sweep = demo("--quick", "--out", str(out), "--sweep", "3", timeout=1200)
     assert sweep.stdout.count("already finished") == 2  # SFT trained and evaluated with the same settings
     data = json.loads((out / "sweep.json").read_text())
     assert len(data["runs"]) == 2 and (out / "sweep.png").stat().st_size > 10_000
 
 
-def test_settings_change_is_refused_not_overwritten(quick_study):
+def test_settings_change_is_refused_not_overwritten(quick_study, demo):
     out, _ = quick_study
     before = (out / "sft" / "train.json").read_text()
-    proc = subprocess.run([*readme_main_command(), "--steps", "5", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+    proc = demo("--steps", "5", "--out", str(out), timeout=600, check=False)
     assert proc.returncode != 0 and "other settings" in proc.stdout + proc.stderr
     assert (out / "sft" / "train.json").read_text() == before
 
