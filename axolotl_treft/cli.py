@@ -93,6 +93,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report_main(args)
 
 
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from .judge.rejudge import main as judge_main
+
+    return judge_main(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -150,6 +156,17 @@ def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
     p.add_argument("--domain", choices=["legal", "finance", "health", "auto"], default=None,
                    help="in-domain set for ID and EM-F1 (default: the one present, else the mean of all present)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("judge", help="score saved lm-eval samples of em_* tasks again (another judge or prompts)")
+    p.add_argument("--samples", nargs="+", required=True,
+                   help="samples_<task>_<date>.jsonl files from lm_eval --log_samples, or directories holding them")
+    p.add_argument("--out", required=True, help="directory for results_<date>.json and the re-judged samples")
+    p.add_argument("--judge-model", default=None, help="judge model (default: TREFT_JUDGE_MODEL, else the recorded one)")
+    p.add_argument("--judge-base-url", default=None, help="judge endpoint (default: TREFT_JUDGE_BASE_URL, else recorded)")
+    p.add_argument("--judge-prompts", default=None, help="judge prompts file {metric: template} (default: as recorded)")
+    p.add_argument("--mode", choices=["auto", "logprob", "sampled"], default=None, help="scoring (default auto)")
+    p.add_argument("--concurrency", type=int, default=None, help="concurrent judge requests (default 8)")
+    p.set_defaults(func=_cmd_judge)
     p = sub.add_parser("demo", help="the piggyback study on the embedded model: SFT vs TReFT vs defenses, lm-eval")
     p.add_argument("--out", default=None,
                    help="run directory (finished runs are reused; default runs/demo, runs/demo-refusal)")

@@ -104,9 +104,22 @@ def summarize(results: Mapping[str, Any], domain: str | None = None) -> dict[str
     errs = [metric(results, t, "judge_errors") for t in results.get("results", {})]
     errs = [e for e in errs if e is not None]
     row["judge_errors"] = sum(errs) if errs else None
-    judge = (results.get("configs", {}).get("em_general", {}).get("metadata") or {}).get("judge") or {}
-    row["judge_model"] = judge.get("judge_model") if isinstance(judge, Mapping) else None
+    row["judge_model"] = judge_model(results)
     return row
+
+
+def judge_model(results: Mapping[str, Any]) -> str | None:
+    """The judge model recorded for the first judged task (by the task pack or ``axolotl-treft judge``)."""
+    for task, config in (results.get("configs") or {}).items():
+        meta = (config or {}).get("metadata") or {}
+        record = meta.get("treft_record") or {}
+        entry = record.get(task) or (next(iter(record.values())) if len(record) == 1 else {})
+        model = (entry.get("judge") or {}).get("model")
+        legacy = meta.get("judge") if isinstance(meta.get("judge"), Mapping) else {}
+        model = model or legacy.get("judge_model")
+        if model:
+            return str(model)
+    return None
 
 
 def _fmt(v: Any, kind: str) -> str:

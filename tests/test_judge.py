@@ -108,7 +108,14 @@ def test_em_thresholds_at_edges(aligned, coherent, expected):
 
 
 def _ans(aligned, coherent, label="number", error=None):
-    return J.JudgedAnswer(answer="x", aligned=aligned, aligned_label=label, coherent=coherent, error=error)
+    return J.JudgedAnswer(
+        answer="x",
+        aligned=aligned,
+        aligned_label=label,
+        coherent=coherent,
+        coherent_label="number" if coherent is not None else label,
+        error=error,
+    )
 
 
 def test_process_em_per_doc_metrics():
@@ -262,22 +269,22 @@ def test_retry_after_parsing():
     assert 20 < J._retry_after(future) <= 31
 
 
-def test_prompt_hash_and_cache_key_stable():
+def test_prompt_hash_and_cache_key_cover_endpoint_model_mode_and_prompt():
     assert J.prompt_hash("aligned") != J.prompt_hash("coherent")
-    k1 = JudgeCache.key("m", "aligned", "q", "a")
-    assert k1 == JudgeCache.key("m", "aligned", "q", "a")
-    assert (
-        len(
-            {
-                k1,
-                JudgeCache.key("m2", "aligned", "q", "a"),
-                JudgeCache.key("m", "coherent", "q", "a"),
-                JudgeCache.key("m", "aligned", "q2", "a"),
-                JudgeCache.key("m", "aligned", "q", "a2"),
-            }
-        )
-        == 5
-    )
+    base = ("http://h:1/v1", "m", "auto", J.PROMPTS["aligned"], "aligned", "q", "a")
+    k1 = JudgeCache.key(*base)
+    assert k1 == JudgeCache.key("http://h:1/v1/", *base[1:])  # a trailing slash is the same endpoint
+    variants = [
+        ("http://h:2/v1", *base[1:]),  # endpoint
+        (base[0], "m2", *base[2:]),  # model
+        (*base[:2], "sampled", *base[3:]),  # mode
+        (*base[:3], J.PROMPTS["aligned"] + " ", *base[4:]),  # prompt text
+        (*base[:4], "coherent", *base[5:]),  # metric
+        (*base[:5], "q2", "a"),
+        (*base[:6], "a2"),
+    ]
+    keys = {k1, *(JudgeCache.key(*v) for v in variants)}
+    assert len(keys) == 1 + len(variants)
 
 
 # -------------------------------------------------------------------- client vs fault-injecting server
@@ -311,7 +318,7 @@ FAULTS = [
 
 @pytest.mark.slow
 def test_faults_every_answer_judged_or_clear_error(tmp_path):
-    with FakeJudge() as fj:
+    with FakeJudge(delay=0.02) as fj:  # a service time, so that concurrent requests overlap
         client = JudgeClient(_cfg(fj, tmp_path))
         items = [JudgeItem(m, "q?", a) for a in FAULTS for m in ("aligned", "coherent")]
         verdicts = client.score_many(items)
@@ -397,7 +404,7 @@ def test_judge_filter_records_judge_info_and_errors(tmp_path, monkeypatch):
             None,
         )
         assert first["judge_model"] == "fake-judge" and first["judge_base_url"] == fj.base_url
-        assert first["judge_prompt_hash"] == J.prompt_hash()
+        assert first["judge_prompt_hash"] == J.PromptSet().record()["prompt_hash"]
         bad = out[1][0]
         assert bad["aligned"] is None and set(bad["error"]) == {"aligned", "coherent"}
         metrics = J.process_em(docs[0], out[0:1])
@@ -575,3 +582,83 @@ def test_llama_cpp_server_numeric_verdict(llama_server, monkeypatch):
     assert v.error is None and v.score is not None and 0 <= v.score <= 100
     assert v.label == "number" and v.source in {"logprobs", "sample"}
     client.close()
+
+
+# ------------------------------------------------------- failures that must stop a run before generation
+
+
+def _meta(fj: FakeJudge, **kw) -> dict:
+    return {
+        "judge": {
+            "base_url": fj.base_url,
+            "model": "fake-judge",
+            "retries": 2,
+            "backoff": 0.01,
+            "cache": "off",
+        }
+        | kw
+    }
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        (dict(status_all=404), "HTTP 404"),
+        (dict(status_all=500), "HTTP 500"),
+        (dict(models=("other-judge",)), "judge model 'fake-judge' is not served by"),
+        (dict(models=("other-judge",), status_models=404), "the model 'fake-judge' is not served there"),
+    ],
+)
+def test_broken_endpoint_or_unserved_model_fails_when_the_task_is_built(server, message):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    import axolotl_treft
+
+    with FakeJudge(**server) as fj:
+        tm = TaskManager(include_path=axolotl_treft.tasks_path(), include_defaults=False, metadata=_meta(fj))
+        with pytest.raises(JudgeConfigError) as err:
+            get_task_dict(["em_general"], tm)
+        assert message in str(err.value) and fj.base_url in str(err.value)
+        assert len(fj.requests) <= 2  # the test call and its retry, nothing else
+
+
+def test_programming_errors_are_not_swallowed_as_failed_verdicts(tmp_path):
+    with FakeJudge() as fj:
+        client = JudgeClient(_cfg(fj, tmp_path, cache_path=None))
+        fine = JudgeItem("aligned", "q", "a")
+        broken = JudgeItem(
+            "custom", "q", "a", template="Rate {question} {answer} {score}"
+        )  # not a placeholder we fill
+        with pytest.raises(KeyError, match="score"):
+            client.score_many([fine, broken])
+        with pytest.raises(KeyError, match="nonexistent"):
+            client.score(JudgeItem("nonexistent", "q", "a"))  # no template, no prompt of ours by that name
+        failed = client.score(JudgeItem("aligned", "q", "[[always500]]"))  # an HTTP error is a failed verdict
+        assert failed.label == "error" and "HTTP 502" in failed.error
+        client.close()
+
+
+def test_cache_is_keyed_on_endpoint_and_mode(tmp_path):
+    items = [JudgeItem("aligned", "q", "answer [[aligned=40]]")]
+    with FakeJudge() as a, FakeJudge() as b:
+        JudgeClient(_cfg(a, tmp_path)).score_many(items)
+        assert len(a.requests) == 1
+        again = JudgeClient(_cfg(a, tmp_path)).score_many(items)
+        assert len(a.requests) == 1 and again[0].source == "cache"
+        other_endpoint = JudgeClient(_cfg(b, tmp_path)).score_many(items)  # same model name, other server
+        assert len(b.requests) == 1 and other_endpoint[0].source == "logprobs"
+        sampled = JudgeClient(_cfg(a, tmp_path, mode="sampled")).score_many(items)
+        assert len(a.requests) == 2 and sampled[0].source == "sample" and sampled[0].score == 40.0
+
+
+def test_rate_limit_storm_slows_but_loses_no_verdict(tmp_path):
+    items = [JudgeItem("coherent", f"q{i}", f"a{i}") for i in range(24)]
+    with FakeJudge(storm=(30, 0.2)) as fj:
+        client = JudgeClient(_cfg(fj, tmp_path, cache_path=None, retries=2, concurrency=6))
+        start = time.monotonic()
+        verdicts = client.score_many(items)
+        elapsed = time.monotonic() - start
+        assert [v.score for v in verdicts] == [pytest.approx(70.0)] * len(items)
+        assert fj.rate_limited == 30 and client.rate_limited == 30
+        assert elapsed >= 0.2  # Retry-After was honoured (every worker paused), not hammered through
+        client.close()

@@ -24,6 +24,7 @@ def test_wheel_builds_cleanly_and_ships_its_files(tmp_path):
     assert "would be ignored" not in log and "is absent from the `packages` configuration" not in log
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("axolotl_treft/tasks/offtopic_abstention.yaml", "axolotl_treft/tasks/_offtopic_yaml",
+                     "axolotl_treft/tasks/README.md", "axolotl_treft/tasks/examples/em_questions.yml",
                      "axolotl_treft/tasks/utils.py", "axolotl_treft/tasks/data/offtopic_general.jsonl",
                      "axolotl_treft/examples/smollm2-135m-abstention-treft.yml",
                      "axolotl_treft/examples/deepspeed/zero3.json", "axolotl_treft/data/retain_general.jsonl"):

@@ -1,22 +1,33 @@
-"""Dataset loaders and defaults of the lm-eval task pack (``custom_dataset`` targets).
+"""Dataset loaders of the lm-eval task pack (``custom_dataset`` targets) and their settings.
 
-lm-eval calls ``custom_dataset(**metadata)`` when a task is built: ``metadata`` is the YAML metadata merged
-with the CLI ``--metadata`` JSON and ``--model_args``. Unknown keys are ignored.
+lm-eval calls ``custom_dataset(**metadata)`` when a task is built: ``metadata`` is the task YAML's
+``metadata:`` merged with ``--metadata`` JSON (and, on the CLI, ``--model_args``). Keys read here:
+``questions`` (a path, or ``{task: path}``), ``judge_prompts`` (a path), ``judge`` (settings, see
+:mod:`axolotl_treft.judge.config`), ``em_samples`` and the off-topic targets. Everything is checked here,
+before any generation: the files, the judge settings and the judge endpoint itself.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from axolotl_treft.judge import require_judge
+from axolotl_treft.judge.client import require_judge
+from axolotl_treft.judge.config import JudgeConfig, resolve_config
+from axolotl_treft.judge.prompts import DEFAULT_PROMPT_SET, PromptSet, load_prompt_file
+from axolotl_treft.resources import tasks_dir
+from axolotl_treft.tasks.questions import QuestionSet, load_questions, question_file_judges
 
-DATA = Path(__file__).resolve().parent / "data"
+log = logging.getLogger(__name__)
+
+DATA = tasks_dir() / "data"
+EXAMPLES = tasks_dir() / "examples"
 DEFAULT_EM_SAMPLES = 10
+RECORD_KEY = "treft_record"  # task metadata key holding what each task used (question file, judge, prompts)
 
 EM_TASKS = (
     "em_general",
@@ -105,24 +116,91 @@ def _dataset(rows: list[dict[str, Any]]):
     return DatasetDict({"test": Dataset.from_list(rows)})
 
 
-def em_samples(meta: Mapping[str, Any], env: Mapping[str, str] | None = None) -> int:
+def user_questions(task: str, meta: Mapping[str, Any]) -> str | None:
+    """The user question file for ``task``: ``questions`` is a path for every task, or ``{task: path}``."""
+    value = meta.get("questions")
+    if isinstance(value, str) and value.strip().startswith("{"):
+        value = json.loads(value)
+    if isinstance(value, Mapping):
+        return value.get(task)
+    return value or None
+
+
+def em_samples(meta: Mapping[str, Any], env: Mapping[str, str] | None = None) -> int | None:
+    """Answers per question set for the whole run (``em_samples`` / ``TREFT_EM_SAMPLES``); None if unset."""
     env = os.environ if env is None else env
-    n = int(meta.get("em_samples") or env.get("TREFT_EM_SAMPLES") or DEFAULT_EM_SAMPLES)
+    value = meta.get("em_samples") or env.get("TREFT_EM_SAMPLES")
+    if value is None:
+        return None
+    n = int(value)
     if n < 1:
         raise ValueError(f"em_samples must be >= 1, got {n}")
     return n
 
 
-def em_docs(task: str, samples: int) -> list[dict[str, Any]]:
-    """Each question ``samples`` times, sample-major: ``--limit N`` takes one answer of each of N questions."""
-    rows = read_jsonl(DATA / f"{task}.jsonl")
-    return [dict(r, sample=s) for s in range(samples) for r in rows]
+def task_questions(
+    task: str, meta: Mapping[str, Any], *, default_file: str, need_topic: bool = False
+) -> QuestionSet:
+    path = user_questions(task, meta)
+    return load_questions(path or DATA / default_file, need_topic=need_topic)
+
+
+def em_docs(qset: QuestionSet, samples: int | None) -> list[dict[str, Any]]:
+    """Sample-major docs: every question once, then again, …; ``--limit N`` takes one answer of N questions.
+
+    ``samples`` (the run's ``em_samples``) overrides each question's own count (``samples`` /
+    ``samples_per_paraphrase`` in the file); the default is 10."""
+    counts = [samples or q.samples or DEFAULT_EM_SAMPLES for q in qset.questions]
+    return [
+        dict(q.doc(), sample=s)
+        for s in range(max(counts))
+        for q, n in zip(qset.questions, counts, strict=True)
+        if s < n
+    ]
+
+
+def judge_for_task(meta: Mapping[str, Any]) -> tuple[JudgeConfig, PromptSet]:
+    """Resolved judge settings and prompts, checked: files first, then the endpoint (preflight)."""
+    prompts_path = meta.get("judge_prompts")
+    prompts = load_prompt_file(prompts_path) if prompts_path else DEFAULT_PROMPT_SET
+    config = require_judge(config=resolve_config(meta.get("judge")))
+    return config, prompts
+
+
+def judge_doc_field(config: JudgeConfig, prompts: PromptSet) -> str:
+    """Per-doc ``judge`` field: the non-secret settings the filter rebuilds its client from."""
+    return json.dumps(config.record() | prompts.record(), sort_keys=True)
+
+
+def _record(meta: Mapping[str, Any], task: str, **entries: Any) -> None:
+    """Store what ``task`` used into the YAML's record object (lm-eval writes it into the results JSON)."""
+    record = meta.get(RECORD_KEY)
+    if isinstance(record, MutableMapping):
+        record[task] = entries
+    else:
+        log.info(
+            "%s: no %r in the task metadata; the results JSON will not record %s", task, RECORD_KEY, entries
+        )
 
 
 def load_em(task: str, **meta: Any):
-    """Dataset of an ``em_*`` task; checks the judge first (a missing judge fails before generation)."""
-    require_judge()
-    return _dataset(em_docs(task, em_samples(meta)))
+    """Dataset of an ``em_*`` task; the questions, prompts and judge are checked before generation."""
+    qset = task_questions(task, meta, default_file=f"{task}.jsonl")
+    config, prompts = judge_for_task(meta)
+    named = question_file_judges(qset.path) - {config.model}
+    if named:
+        log.warning(
+            "%s: %s was scored with judge %s in its source; this run uses %r (published numbers are only "
+            "comparable with the same judge)",
+            task,
+            qset.path,
+            ", ".join(sorted(named)),
+            config.model,
+        )
+    judge = judge_doc_field(config, prompts)
+    docs = [dict(d, judge=judge) for d in em_docs(qset, em_samples(meta))]
+    _record(meta, task, questions=qset.record(), docs=len(docs), judge=config.record() | prompts.record())
+    return _dataset(docs)
 
 
 def offtopic_target(setting: str, meta: Mapping[str, Any], env: Mapping[str, str] | None = None) -> str:
@@ -131,6 +209,25 @@ def offtopic_target(setting: str, meta: Mapping[str, Any], env: Mapping[str, str
     s = SETTINGS[setting]
     generic = meta.get("tool") if s.kind == "tool" else meta.get("target")
     return str(meta.get(s.key) or generic or env.get(s.env) or s.default)
+
+
+def offtopic_questions(setting: str, meta: Mapping[str, Any]) -> tuple[list[dict], list[dict], list[dict]]:
+    """On- and off-topic question rows, and the records of the files they came from."""
+    task = f"offtopic_{setting}"
+    path = user_questions(task, meta)
+    if path:
+        qset = load_questions(path, need_topic=True)
+        rows = [q.doc() for q in qset.questions]
+        return (
+            [r for r in rows if r["topic"] == "on"],
+            [r for r in rows if r["topic"] == "off"],
+            [qset.record()],
+        )
+    on_set = load_questions(DATA / SETTINGS[setting].on_file)
+    off_set = load_questions(DATA / OFFTOPIC_FILE)
+    on = [dict(q.doc(), topic="on") for q in on_set.questions]
+    off = [dict(q.doc(), topic="off") for q in off_set.questions]
+    return on, off, [on_set.record(), off_set.record()]
 
 
 def offtopic_docs(
@@ -145,21 +242,21 @@ def offtopic_docs(
     if s.kind == "tool":
         custom = meta.get("tool_system", env.get("TREFT_OFFTOPIC_TOOL_SYSTEM"))
         system = tool_system_prompt(target) if custom is None else str(custom)
-    on = [dict(r, topic="on") for r in read_jsonl(DATA / s.on_file)]
-    off = [dict(r, topic="off") for r in read_jsonl(DATA / OFFTOPIC_FILE)]
+    on, off, _ = offtopic_questions(setting, meta)
     mixed = [r for pair in zip(on, off, strict=False) for r in pair] + on[len(off) :] + off[len(on) :]
-    extra = {
-        "setting": setting,
-        "target_kind": s.kind,
-        "target": target,
-        "judge_check": judge_check,
-        "system": system,
-    }
-    return [dict(r, **extra) for r in mixed]
+    extra = {"setting": setting, "target_kind": s.kind, "target": target, "judge_check": judge_check}
+    return [dict(r, **extra, system=r.get("system") or system) for r in mixed]
 
 
 def load_offtopic(setting: str, **meta: Any):
     docs = offtopic_docs(setting, meta)
+    task = f"offtopic_{setting}"
+    _, _, files = offtopic_questions(setting, meta)
+    entries: dict[str, Any] = {"questions": files, "docs": len(docs)}
     if docs and docs[0]["judge_check"]:
-        require_judge()
+        config = require_judge(config=resolve_config(meta.get("judge")))
+        judge = judge_doc_field(config, DEFAULT_PROMPT_SET)
+        docs = [dict(d, judge=judge) for d in docs]
+        entries["judge"] = config.record()
+    _record(meta, task, **entries)
     return _dataset(docs)

@@ -1,11 +1,13 @@
 """Thin lm-eval glue: ``!function utils.<name>`` targets. The real code lives in ``axolotl_treft``."""
 
-from axolotl_treft.judge import BehaviourFilter, JudgeFilter, judge_info, process_em, process_offtopic, total
+from axolotl_treft.tasks.metrics import BehaviourFilter, JudgeFilter, process_em, process_offtopic, total
 from axolotl_treft.tasks.pack import load_em, load_offtopic
 
-__all__ = ["BehaviourFilter", "JudgeFilter", "process_em", "process_offtopic", "total", "JUDGE_INFO"]
+__all__ = ["BehaviourFilter", "JudgeFilter", "RECORD", "process_em", "process_offtopic", "total"]
 
-JUDGE_INFO = judge_info()  # judge model / endpoint / prompt hash -> task metadata -> results JSON "configs"
+# Filled by the dataset loaders when a task is built: per task, the question file (path, sha256), the judge
+# settings and prompts. Task metadata holds this object, so lm-eval writes it into the results JSON.
+RECORD: dict = {}
 
 
 def load_em_general(**meta):

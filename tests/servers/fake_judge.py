@@ -5,10 +5,16 @@ Behaviour is chosen by markers inside the judged *answer* text:
 * ``[[aligned=N]]`` / ``[[coherent=N]]``: the judge puts all its top-logprob mass on token ``N``
   (default: aligned 80/90 at 0.8/0.2 -> 82.0, coherent 70 -> 70.0).
 * ``[[refusal]]``: top token ``REFUSAL`` (aligned prompt only).
-* ``[[500xK]]`` / ``[[429xK]]`` / ``[[timeoutxK]]`` / ``[[malformedxK]]``: the first K requests for that prompt fail.
+* ``[[500xK]]`` / ``[[429xK]]`` / ``[[timeoutxK]]`` / ``[[malformedxK]]``: the first K requests of it fail.
 * ``[[always500]]``: every request for that prompt fails.
 * ``[[nologprobs]]``: answers without ``logprobs`` (the sampled content carries the number).
 * ``[[split]]``: logprobs over single digits only (a digit-splitting tokenizer); sampled content "73".
+
+Server-wide behaviour: ``rules`` (``[((substring, ...), [(token, prob), ...])]``: a prompt containing every
+substring gets those top logprobs, checked before the markers), ``status_all`` (every request, GET and POST,
+answers that status), ``models`` (what ``GET /models`` lists), ``max_concurrency`` (requests beyond it wait:
+a server with a fixed capacity) with ``delay`` as its service time, and ``storm`` (the next N chat
+requests get 429 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,24 @@ def _lp(p: float) -> float:
 
 
 class FakeJudge:
-    def __init__(self, delay: float = 0.0, timeout_sleep: float = 1.5, status_models: int = 200):
+    def __init__(
+        self,
+        delay: float = 0.0,
+        timeout_sleep: float = 1.5,
+        status_models: int = 200,
+        rules: list[tuple[tuple[str, ...], list[tuple[str, float]]]] | None = None,
+        status_all: int | None = None,
+        models: tuple[str, ...] = ("fake-judge",),
+        max_concurrency: int | None = None,
+        storm: tuple[int, float] = (0, 0.0),
+    ):
         self.delay = delay
+        self.rules = rules or []
+        self.status_all = status_all
+        self.models = models
+        self.capacity = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
+        self.storm_left, self.storm_retry_after = storm
+        self.rate_limited = 0
         self.timeout_sleep = timeout_sleep
         self.status_models = status_models
         self.requests: list[dict[str, Any]] = []
@@ -43,6 +65,9 @@ class FakeJudge:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like real inference servers
+            disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
+
             def log_message(self, *a: Any) -> None:
                 pass
 
@@ -58,10 +83,11 @@ class FakeJudge:
                     self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
-                    self._send(
-                        owner.status_models, json.dumps({"object": "list", "data": [{"id": "fake-judge"}]})
-                    )
+                if owner.status_all:
+                    self._send(owner.status_all, '{"error": "everything fails"}')
+                elif self.path.rstrip("/").endswith("/models"):
+                    data = [{"id": m} for m in owner.models]
+                    self._send(owner.status_models, json.dumps({"object": "list", "data": data}))
                 else:
                     self._send(404, "{}")
 
@@ -72,7 +98,11 @@ class FakeJudge:
                     owner.in_flight += 1
                     owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
                 try:
-                    code, payload, headers = owner.respond(body)
+                    if owner.capacity is not None:
+                        with owner.capacity:
+                            code, payload, headers = owner.respond(body)
+                    else:
+                        code, payload, headers = owner.respond(body)
                     self._send(code, payload, headers)
                 finally:
                     with owner.lock:
@@ -99,6 +129,17 @@ class FakeJudge:
             self.requests.clear()
 
     def respond(self, body: dict[str, Any]) -> tuple[int, str, dict[str, str]]:
+        if self.status_all:
+            return self.status_all, '{"error": "everything fails"}', {}
+        if body.get("model") not in self.models:
+            return 404, json.dumps({"error": f"model {body.get('model')!r} not found"}), {}
+        with self.lock:
+            storm = self.storm_left > 0
+            if storm:
+                self.storm_left -= 1
+                self.rate_limited += 1
+        if storm:
+            return 429, '{"error": "rate limited"}', {"Retry-After": str(self.storm_retry_after)}
         prompt = body["messages"][-1]["content"]
         answer = prompt.split("<<<ANSWER", 1)[-1]
         marks = {m.group(1): (m.group(2), m.group(3)) for m in MARK.finditer(answer)}
@@ -120,7 +161,11 @@ class FakeJudge:
         if "always500" in marks:
             return 502, "bad gateway", {}
         metric = "coherent" if "coherence" in prompt else "behaviour" if "YES or NO" in prompt else "aligned"
-        if metric == "behaviour":
+        rule = next((top for subs, top in self.rules if all(x in prompt for x in subs)), None)
+        if rule is not None:
+            top = [(t, _lp(p)) for t, p in rule]
+            text = top[0][0]
+        elif metric == "behaviour":
             top = (
                 [("YES", _lp(0.7)), ("NO", _lp(0.3))]
                 if "yesplease" in marks
