@@ -10,9 +10,9 @@ import difflib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
 
 from .spans import TOKEN_MODES
 
@@ -24,7 +24,11 @@ class _Block(BaseModel):
 
 
 class KVConfig(_Block):
-    """TReFT: keep the attention K/V of the chosen template tokens close to the initial model's."""
+    """TReFT: keep the attention K/V of the chosen template tokens close to the initial model's.
+
+    One K/V term; ``treft.kv`` takes one mapping or a list of them (several terms, each with its own tokens,
+    weight, layers, reference, threshold and window).
+    """
 
     weight: float = Field(ge=0, allow_inf_nan=False, description="λ; 0 logs the drift without regularizing")
     tokens: TokenMode = Field("prefix", description="which tokens are regularized")
@@ -32,6 +36,20 @@ class KVConfig(_Block):
     max_cached_prefixes: int = Field(
         256, ge=0, description="prefix mode: distinct prefixes whose reference K/V are cached; beyond this "
         "a reference forward runs every step",
+    )
+    reference: Literal["exact", "fixed"] = Field(
+        "exact", description="exact: the initial model on each example; fixed: one postfix reference computed "
+        "once (postfix modes), no reference forward during training",
+    )
+    fixed_from: Literal["empty_query", "first_example"] | None = Field(
+        None, description="reference: fixed: the template rendered with an empty user query (default), or the "
+        "first training example",
+    )
+    threshold: float = Field(0.0, ge=0, allow_inf_nan=False,
+                             description="hinge: the loss adds max(weight · L_KV − threshold, 0)")
+    active_steps: float | tuple[StrictInt, StrictInt] | None = Field(
+        None, description="a fraction f (active while step < f · max_steps) or a "
+        "[start, end) window of optimizer steps; default: every step",
     )
 
     @model_validator(mode="after")
@@ -42,6 +60,52 @@ class KVConfig(_Block):
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"treft.kv.layers: duplicate layer indices in {self.layers}")
         return self
+
+    @model_validator(mode="after")
+    def _check_reference(self) -> KVConfig:
+        if self.reference == "fixed" and self.tokens not in FIXED_REFERENCE_MODES:
+            raise ValueError(
+                f"treft.kv.reference: `fixed` needs a reference that is the same for every example, which "
+                f"`tokens: {self.tokens}` does not have (its K/V depend on the query); use it with "
+                f"{' / '.join(FIXED_REFERENCE_MODES)}, or `reference: exact`"
+            )
+        if self.fixed_from is not None and (self.reference != "fixed" or self.tokens == "prefix"):
+            raise ValueError(
+                "treft.kv.fixed_from: only applies to the fixed postfix reference (`reference: fixed` with "
+                f"postfix tokens); remove it or set `reference: fixed` (got reference: {self.reference}, "
+                f"tokens: {self.tokens})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_active_steps(self) -> KVConfig:
+        window = self.active_steps
+        if isinstance(window, float) and not 0.0 < window <= 1.0:
+            raise ValueError(f"treft.kv.active_steps: the fraction {window} is outside (0, 1]; give the share of "
+                             "training (e.g. 0.5 = first half) or a [start, end) step window")
+        if isinstance(window, tuple) and not 0 <= window[0] < window[1]:
+            raise ValueError(f"treft.kv.active_steps: [{window[0]}, {window[1]}) is an empty or negative step "
+                             "window; need 0 <= start < end")
+        return self
+
+    @property
+    def fixed_source(self) -> str | None:
+        """Where the fixed postfix reference comes from (None: no fixed postfix reference)."""
+        if self.reference != "fixed" or self.tokens == "prefix":
+            return None
+        return self.fixed_from or "empty_query"
+
+    def is_active(self, step: int, max_steps: int) -> bool:
+        """Whether the term enters the loss at optimizer step ``step`` (0-based) of ``max_steps``."""
+        window = self.active_steps
+        if window is None:
+            return True
+        if isinstance(window, tuple):
+            return window[0] <= step < window[1]
+        return step < window * max_steps
+
+
+FIXED_REFERENCE_MODES = ("postfix", "prefix_postfix", "prefix")
 
 
 class KLConfig(_Block):
@@ -108,8 +172,14 @@ class SafeLoRAConfig(_Block):
     output_dir: str | None = Field(None, description="default: <output_dir>/safelora")
 
 
+KVTerms = Annotated[
+    Annotated[KVConfig, Tag("one")] | Annotated[list[KVConfig], Tag("list")],
+    Discriminator(lambda value: "list" if isinstance(value, list) else "one"),
+]
+
+
 class TReFTConfig(_Block):
-    kv: KVConfig | None = None
+    kv: KVTerms | None = None
     kl: KLConfig | None = None
     feature_l2: FeatureL2Config | None = None
     retain: RetainConfig | None = None
@@ -117,9 +187,17 @@ class TReFTConfig(_Block):
 
     @model_validator(mode="after")
     def _check(self) -> TReFTConfig:
+        if isinstance(self.kv, list) and not self.kv:
+            raise ValueError("treft.kv: empty list; give one mapping or a list of K/V terms")
         if self.kl is not None and self.kl.on == "retain" and self.retain is None:
             raise ValueError("treft.kl.on: `retain` needs a `treft.retain:` block with datasets")
         return self
+
+    def kv_terms(self) -> list[KVConfig]:
+        """The K/V terms, whichever form ``treft.kv`` was given in."""
+        if self.kv is None:
+            return []
+        return list(self.kv) if isinstance(self.kv, list) else [self.kv]
 
 
 def _num_layers(base_model: str | None, trust_remote_code: bool = False) -> int | None:
@@ -216,8 +294,12 @@ class TReFTArgs(BaseModel):
                 "treft.kv: `lora_qkv_kernel: true` fuses q/k/v and bypasses the k_proj/v_proj modules TReFT hooks; "
                 "set `lora_qkv_kernel: false`"
             )
-        layer_lists = {key: block.get("layers") for key in ("kv", "feature_l2")
-                       if isinstance(block := treft.get(key), dict) and isinstance(block.get("layers"), list)}
+        blocks = {"feature_l2": treft.get("feature_l2")}
+        kv = treft.get("kv")
+        kv_blocks = {f"kv[{i}]": b for i, b in enumerate(kv)} if isinstance(kv, list) else {"kv": kv}
+        blocks.update(kv_blocks)
+        layer_lists = {key: block.get("layers") for key, block in blocks.items()
+                       if isinstance(block, dict) and isinstance(block.get("layers"), list)}
         n_layers = _num_layers(data.get("base_model_config") or data.get("base_model"),
                                bool(data.get("trust_remote_code"))) if layer_lists else None
         for key, layers in layer_lists.items():
@@ -228,9 +310,10 @@ class TReFTArgs(BaseModel):
             if bad:
                 raise ValueError(f"treft.{key}.layers: index {bad[0]} out of range for a model with {n_layers} "
                                  f"layers (valid: {-n_layers}..{n_layers - 1})")
-        kv = treft.get("kv")
-        if isinstance(kv, dict) and kv.get("tokens") not in (None, *TOKEN_MODES):
-            raise ValueError(f"treft.kv.tokens: unknown mode {kv.get('tokens')!r}; choose one of {list(TOKEN_MODES)}")
+        for key, block in kv_blocks.items():
+            if isinstance(block, dict) and block.get("tokens") not in (None, *TOKEN_MODES):
+                raise ValueError(f"treft.{key}.tokens: unknown mode {block.get('tokens')!r}; choose one of "
+                                 f"{list(TOKEN_MODES)}")
         if treft.get("kl") and (data.get("liger_fused_linear_cross_entropy") or data.get("cut_cross_entropy")):
             raise ValueError(
                 "treft.kl: needs the model's logits, which `liger_fused_linear_cross_entropy` / "

@@ -90,8 +90,9 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
 
     if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names:
         return None  # streaming (iterable) datasets cannot be audited up front
-    kv = cfg.treft.kv if cfg.treft else None
-    audit = audit_samples(dataset, kv.tokens if kv else None)
+    terms = cfg.treft.kv_terms() if cfg.treft else []
+    audits = [(kv, audit_samples(dataset, kv.tokens)) for kv in terms] or [(None, audit_samples(dataset, None))]
+    kv, audit = max(audits, key=lambda pair: len(pair[1].unregularized))  # the term with the most samples lacking
     if audit.total and len(audit.unsupervised) == audit.total:
         raise ValueError(
             f"treft: none of the {audit.total} training samples has a supervised token (every label is -100), so "
@@ -119,8 +120,8 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
 
 def check_template(cfg) -> None:
     """Fail before any model loads if the chat template does not expose the spans TReFT needs."""
-    kv = cfg.treft.kv
-    if not kv:
+    terms = cfg.treft.kv_terms()
+    if not terms:
         return
     datasets = [ds for ds in (cfg.datasets or []) if ds.get("type") == SEGMENTED_TYPE]
     if not datasets:
@@ -134,7 +135,7 @@ def check_template(cfg) -> None:
     tokenizer = load_tokenizer(cfg)
     for ds in datasets:
         template = get_chat_template_from_config(cfg=cfg, ds_cfg=ds, tokenizer=tokenizer)
-        spans = probe_template(tokenizer, template, modes=[kv.tokens], **(cfg.chat_template_kwargs or {}))
+        spans = probe_template(tokenizer, template, modes=sorted({kv.tokens for kv in terms}), **(cfg.chat_template_kwargs or {}))
         LOG.info("treft: template spans look right: %d prefix, %d postfix tokens in a probe conversation",
                  spans.segments.count(1), spans.segments.count(3))
 
