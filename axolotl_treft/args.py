@@ -200,6 +200,27 @@ class TReFTConfig(_Block):
         return list(self.kv) if isinstance(self.kv, list) else [self.kv]
 
 
+def plain_data(value: Any) -> Any:
+    """DictDefault → plain dicts/lists without None values, so pydantic sees ordinary data."""
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    return value
+
+
+def kv_terms(treft: Any) -> list[KVConfig]:
+    """The K/V terms of a ``treft:`` block (validated model, or Axolotl's DictDefault/plain mapping)."""
+    if not treft:
+        return []
+    if not isinstance(treft, TReFTConfig):
+        kv = treft.get("kv")
+        if not kv:
+            return []
+        treft = TReFTConfig(kv=plain_data(kv))
+    return treft.kv_terms()
+
+
 def _num_layers(base_model: str | None, trust_remote_code: bool = False) -> int | None:
     """Layer count from the model's config: a local directory, or the Hugging Face cache (no download, no load).
 

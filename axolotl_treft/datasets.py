@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .args import kv_terms
 from .log import get_logger
 from .plugin import SEGMENTED_TYPE
-from .spans import SEG_MISMATCH, SEG_UNLOCATED, SEGMENTS_KEY, TOKEN_MODES, TemplateSpanError, probe_template
+from .spans import (
+    SEG_MISMATCH,
+    SEG_UNLOCATED,
+    SEGMENTS_KEY,
+    TOKEN_MODES,
+    ConversationSpans,
+    TemplateSpanError,
+    empty_query_spans,
+    probe_template,
+)
 
 LOG = get_logger(__name__)
 MAX_SHARE_WITHOUT_TOKENS = 0.5  # above this share of samples without regularized tokens, the run is refused
@@ -90,7 +100,7 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
 
     if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names:
         return None  # streaming (iterable) datasets cannot be audited up front
-    terms = cfg.treft.kv_terms() if cfg.treft else []
+    terms = kv_terms(cfg.treft)
     audits = [(kv, audit_samples(dataset, kv.tokens)) for kv in terms] or [(None, audit_samples(dataset, None))]
     kv, audit = max(audits, key=lambda pair: len(pair[1].unregularized))  # the term with the most samples lacking
     if audit.total and len(audit.unsupervised) == audit.total:
@@ -118,9 +128,24 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
     return audit
 
 
+def dataset_templates(cfg, tokenizer) -> list[str | None]:
+    """The chat template of each segmented training dataset, as Axolotl resolves it."""
+    from axolotl.utils.chat_templates import get_chat_template_from_config
+
+    return [get_chat_template_from_config(cfg=cfg, ds_cfg=ds, tokenizer=tokenizer)
+            for ds in cfg.datasets or [] if ds.get("type") == SEGMENTED_TYPE]
+
+
+def fixed_postfix_conversation(cfg, tokenizer) -> ConversationSpans:
+    """The conversation the fixed postfix reference (``fixed_from: empty_query``) is computed on: the first
+    training dataset's chat template rendered around an empty user query."""
+    templates = dataset_templates(cfg, tokenizer)
+    return empty_query_spans(tokenizer, templates[0] if templates else None, **(cfg.chat_template_kwargs or {}))
+
+
 def check_template(cfg) -> None:
     """Fail before any model loads if the chat template does not expose the spans TReFT needs."""
-    terms = cfg.treft.kv_terms()
+    terms = kv_terms(cfg.treft)
     if not terms:
         return
     datasets = [ds for ds in (cfg.datasets or []) if ds.get("type") == SEGMENTED_TYPE]
@@ -130,11 +155,9 @@ def check_template(cfg) -> None:
             f"{sorted({str(ds.get('type')) for ds in cfg.datasets or []})})"
         )
     from axolotl.loaders import load_tokenizer
-    from axolotl.utils.chat_templates import get_chat_template_from_config
 
     tokenizer = load_tokenizer(cfg)
-    for ds in datasets:
-        template = get_chat_template_from_config(cfg=cfg, ds_cfg=ds, tokenizer=tokenizer)
+    for template in dataset_templates(cfg, tokenizer):
         spans = probe_template(tokenizer, template, modes=sorted({kv.tokens for kv in terms}), **(cfg.chat_template_kwargs or {}))
         LOG.info("treft: template spans look right: %d prefix, %d postfix tokens in a probe conversation",
                  spans.segments.count(1), spans.segments.count(3))

@@ -222,6 +222,19 @@ def probe_template(tokenizer, chat_template: str | None = None, modes: Sequence[
     return spans
 
 
+EMPTY_QUERY_CONVERSATION = [{"role": "user", "content": ""}, {"role": "assistant", "content": "."}]
+
+
+def empty_query_spans(tokenizer, chat_template: str | None = None, **template_kwargs) -> ConversationSpans:
+    """The template rendered around an empty user query, with its segments: what the fixed postfix
+    reference is computed on (the template's default system prompt, no query, then the postfix)."""
+    spans = conversation_spans(tokenizer, EMPTY_QUERY_CONVERSATION, chat_template, **template_kwargs)
+    if SEG_POSTFIX not in spans.segments:
+        raise TemplateSpanError(f"the chat template has no postfix tokens around an empty user query (rendered: "
+                                f"{spans.text!r}); use `fixed_from: first_example` or `reference: exact`")
+    return spans
+
+
 def describe(tokenizer, spans: ConversationSpans) -> str:
     """Human-readable rendering of the segments, for debugging templates."""
     names = {SEG_RESPONSE: "R", SEG_PREFIX: "P", SEG_QUERY: "Q", SEG_POSTFIX: "F", SEG_TEMPLATE: "T",

@@ -3,8 +3,9 @@
 Per training micro-step: the SFT forward runs with the regularizers' capture hooks armed; if any
 regularizer needs the reference on this batch, one shared no-grad reference pass runs over the union
 of the rows they need (on every rank, every step); then each term is computed, logged unweighted as
-``treft/<key>`` next to ``treft/sft``, and ``weight · term`` is added to the loss (a term with weight 0 is
-logged but not added, so the run is exactly plain SFT).
+``treft/<name>`` next to ``treft/sft``, and ``weight · term`` is added to the loss (a term with weight 0 is
+logged but not added, so the run is exactly plain SFT; a K/V term's threshold and step window shape what
+is added, see :meth:`KVRegularizer.weighted`; several K/V terms also log their sum as ``treft/kv``).
 """
 
 from __future__ import annotations
@@ -236,10 +237,15 @@ class TReFTTrainer(AxolotlTrainer):
         total = sft_loss
         metrics = {"treft/sft": self._unscaled(sft_loss, num_items_in_batch)}
         scale = self._term_scale(num_items_in_batch)
+        sums: dict[str, float] = {}  # several terms of one kind (treft.kv as a list): their sum as treft/<key>
         for reg, term in zip(regs, terms, strict=True):
-            metrics[f"treft/{reg.key}"] = float(term.detach())
-            if reg.weight > 0:
-                total = total + (reg.weight * scale) * term
+            penalty, logged = reg.weighted(term, self.state.global_step, self.state.max_steps)
+            metrics.update(logged)
+            if reg.name != reg.key:
+                sums[reg.key] = sums.get(reg.key, 0.0) + float(term.detach())
+            if penalty is not None:
+                total = total + scale * penalty
+        metrics.update({f"treft/{key}": value for key, value in sums.items()})
         self.store_metrics(self._mean_over_ranks(metrics), train_eval="train")
         return (total, outputs) if return_outputs else total
 

@@ -132,7 +132,7 @@ class StepBatch:
 
 
 class Regularizer:
-    """One loss term: ``weight · value`` is added to the SFT loss; ``value`` is logged as ``treft/<key>``.
+    """One loss term: ``weight · value`` is added to the SFT loss; ``value`` is logged as ``treft/<name>``.
 
     Lifecycle per training step, with the step's state passed as a value: ``policy_capture(batch)`` wraps the
     SFT forward and yields the step state; if ``reference_request(batch, state)`` returns a request, the trainer
@@ -145,6 +145,11 @@ class Regularizer:
 
     def __init__(self, weight: float):
         self.weight = float(weight)
+        self.name = self.key  # log key ``treft/<name>``; differs from ``key`` for one of several terms of a kind
+
+    def weighted(self, term: torch.Tensor, step: int, max_steps: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """What the loss adds at optimizer step ``step`` of ``max_steps`` (None: nothing), and the values to log."""
+        return (self.weight * term if self.weight > 0 else None), {f"treft/{self.name}": float(term.detach())}
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Before training: fail if ``model`` lacks what this term needs (modules, layer indices)."""
