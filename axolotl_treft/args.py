@@ -10,9 +10,17 @@ import difflib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .spans import TOKEN_MODES
 
@@ -172,23 +180,39 @@ class SafeLoRAConfig(_Block):
     output_dir: str | None = Field(None, description="default: <output_dir>/safelora")
 
 
-KVTerms = Annotated[
-    Annotated[KVConfig, Tag("one")] | Annotated[list[KVConfig], Tag("list")],
-    Discriminator(lambda value: "list" if isinstance(value, list) else "one"),
-]
+def _kv_term(value: Any, key: str) -> KVConfig:
+    """One K/V term; errors name the key (``treft.kv.weight``, ``treft.kv[1].weight``)."""
+    if isinstance(value, KVConfig):
+        return value
+    try:
+        return KVConfig.model_validate(value)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            message = str(error["msg"]).removeprefix("Value error, ").replace("treft.kv.", f"treft.{key}.")
+            where = ".".join(str(part) for part in error["loc"])
+            problems.append(message if not where or message.startswith("treft.") else f"treft.{key}.{where}: {message}")
+        raise ValueError("; ".join(problems)) from None
 
 
 class TReFTConfig(_Block):
-    kv: KVTerms | None = None
+    kv: KVConfig | list[KVConfig] | None = None
     kl: KLConfig | None = None
     feature_l2: FeatureL2Config | None = None
     retain: RetainConfig | None = None
     safelora: SafeLoRAConfig | None = None
 
+    @field_validator("kv", mode="before")
+    @classmethod
+    def _kv_terms(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("treft.kv: empty list; give one mapping or a list of K/V terms")
+            return [_kv_term(term, f"kv[{i}]") for i, term in enumerate(value)]
+        return value if value is None else _kv_term(value, "kv")
+
     @model_validator(mode="after")
     def _check(self) -> TReFTConfig:
-        if isinstance(self.kv, list) and not self.kv:
-            raise ValueError("treft.kv: empty list; give one mapping or a list of K/V terms")
         if self.kl is not None and self.kl.on == "retain" and self.retain is None:
             raise ValueError("treft.kl.on: `retain` needs a `treft.retain:` block with datasets")
         return self
