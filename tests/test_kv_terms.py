@@ -227,3 +227,16 @@ def test_window_and_threshold_on_a_real_run(tmp_path_factory, tiny_llama_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = adapter(plain, 4), adapter(terms, 4)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_list_form_through_axolotls_validation(smollm2_dir, tmp_path):
+    """Axolotl's own validation keeps the list and checks each term's layers against the model (30 layers)."""
+    from axolotl_treft.args import kv_terms
+    from tests.test_config import make_cfg, validate
+
+    treft = {"kv": [{"tokens": "prefix", "weight": 30}, {"tokens": "postfix", "weight": 5, "reference": "fixed"}]}
+    cfg = validate(make_cfg(smollm2_dir, tmp_path, treft))
+    assert [(t.tokens, t.reference) for t in kv_terms(cfg.treft)] == [("prefix", "exact"), ("postfix", "fixed")]
+    bad = {"kv": [{"tokens": "prefix", "weight": 30}, {"tokens": "postfix", "weight": 5, "layers": [0, 30]}]}
+    with pytest.raises(ValueError, match=r"treft\.kv\[1\]\.layers: index 30 out of range"):
+        validate(make_cfg(smollm2_dir, tmp_path, bad))
