@@ -217,7 +217,7 @@ def test_window_and_threshold_on_a_real_run(tmp_path_factory, tiny_llama_dir):
     assert all(p > 0 for p in terms.series("treft/kv_postfix_penalty")[2:])
     assert terms.series("treft/kv_prefix_penalty") == [0.0] * 4 and all(v > 0 for v in terms.series("treft/kv_prefix")[1:])
     summed = [a + b for a, b in zip(terms.series("treft/kv_prefix"), terms.series("treft/kv_postfix"), strict=True)]
-    assert terms.series("treft/kv") == pytest.approx(summed, rel=1e-4, abs=1e-8)
+    assert terms.series("treft/kv") == pytest.approx(summed, rel=1e-3, abs=1e-4)  # logs keep 4 digits
     assert plain.series("loss")[:2] == terms.series("loss")[:2]
 
     def adapter(run, step):
