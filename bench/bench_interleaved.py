@@ -165,7 +165,7 @@ def main() -> None:
         out.append({"config": name, "step_s": med, "time_ratio": med / base, "floor_ratio": med / floor,
                     "own_floor": FLOOR_OF.get(name), "own_floor_ratio": med / own if own else None})
         print(f"{name:<24}{med:>9.3f}{med / base:>8.3f}{med / floor:>9.3f}"
-              f"{f'{med / own:.3f} ({FLOOR_OF[name]})' if own else '':>13}")
+              f"  {f'{med / own:.3f} ({FLOOR_OF[name]})' if own else ''}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
