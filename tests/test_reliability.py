@@ -419,3 +419,30 @@ def test_no_gradient_cause_reads_the_config():
 
     assert "activation_offloading: legacy" in no_gradient_cause({"activation_offloading": "legacy"})
     assert "use_reentrant: false" in no_gradient_cause({"gradient_checkpointing_kwargs": {"use_reentrant": True}})
+
+
+def test_retain_stream_seek_continues_the_same_sequence():
+    from axolotl_treft.trainer import RetainStream
+
+    data = [{"i": i} for i in range(7)]
+
+    def stream():
+        return RetainStream(data, lambda rows: [r["i"] for r in rows], size=3, seed=5)
+
+    whole = stream()
+    sequence = [next(whole) for _ in range(6)]  # crosses two reshuffles
+    resumed = stream()
+    resumed.seek(4)
+    assert [next(resumed) for _ in range(2)] == sequence[4:] and resumed.drawn == 6
+    assert [next(stream()) for _ in range(1)] != sequence[4:5]  # from the seed it would repeat batch 1
+
+
+def test_resume_without_the_retain_state_file_names_it(tmp_path):
+    from types import SimpleNamespace
+
+    from axolotl_treft.trainer import TReFTTrainer
+
+    fake = SimpleNamespace(treft_retain_stream=object(),
+                           _treft_state_path=lambda checkpoint: str(Path(checkpoint) / "treft_state_rank0.json"))
+    with pytest.raises(FileNotFoundError, match=r"has no treft_state_rank0\.json .*KL-on-retain batch stream"):
+        TReFTTrainer._restore_treft_state(fake, str(tmp_path))
