@@ -27,4 +27,11 @@ def __getattr__(name: str):
         from . import plugin
 
         return getattr(plugin, name)
-    raise AttributeError(name)
+    if name.lower().endswith("plugin"):  # e.g. `plugins: [axolotl_treft.TReftPlugin]`: name the real ones
+        import difflib
+
+        close = difflib.get_close_matches(name, ["TReFTPlugin", "SeedPlugin"], n=1, cutoff=0.5)
+        hint = f"did you mean `axolotl_treft.{close[0]}`? " if close else ""
+        raise AttributeError(f"axolotl_treft has no plugin {name!r}: {hint}the plugins are "
+                             "`axolotl_treft.TReFTPlugin` and `axolotl_treft.SeedPlugin`")
+    raise AttributeError(f"module 'axolotl_treft' has no attribute {name!r}")

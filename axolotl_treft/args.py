@@ -6,11 +6,21 @@ silently drops undeclared keys, which would hide typos), and every error names t
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .spans import SEG_PREFIX, TOKEN_MODES
 from .steering import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
@@ -23,14 +33,32 @@ class _Block(BaseModel):
 
 
 class KVConfig(_Block):
-    """TReFT: keep the attention K/V of the chosen template tokens close to the initial model's."""
+    """TReFT: keep the attention K/V of the chosen template tokens close to the initial model's.
 
-    weight: float = Field(ge=0, description="λ; 0 logs the drift without regularizing")
+    One K/V term; ``treft.kv`` takes one mapping or a list of them (several terms, each with its own tokens,
+    weight, layers, reference, threshold and window).
+    """
+
+    weight: float = Field(ge=0, allow_inf_nan=False, description="λ; 0 logs the drift without regularizing")
     tokens: TokenMode = Field("prefix", description="which tokens are regularized")
-    layers: Literal["all"] | list[int] = Field("all", description='"all" or a list of layer indices')
+    layers: Literal["all"] | list[StrictInt] = Field("all", description='"all" or a list of layer indices')
     max_cached_prefixes: int = Field(
         256, ge=0, description="prefix mode: distinct prefixes whose reference K/V are cached; beyond this "
         "a reference forward runs every step",
+    )
+    reference: Literal["exact", "fixed"] = Field(
+        "exact", description="exact: the initial model on each example; fixed: one postfix reference computed "
+        "once (postfix modes), no reference forward during training",
+    )
+    fixed_from: Literal["empty_query", "first_example"] | None = Field(
+        None, description="reference: fixed: the template rendered with an empty user query (default), or the "
+        "first training example",
+    )
+    threshold: float = Field(0.0, ge=0, allow_inf_nan=False,
+                             description="hinge: the loss adds max(weight · L_KV − threshold, 0)")
+    active_steps: float | tuple[StrictInt, StrictInt] | None = Field(
+        None, description="a fraction f (active while step < f · max_steps) or a "
+        "[start, end) window of optimizer steps; default: every step",
     )
 
     @model_validator(mode="after")
@@ -42,11 +70,57 @@ class KVConfig(_Block):
                 raise ValueError(f"treft.kv.layers: duplicate layer indices in {self.layers}")
         return self
 
+    @model_validator(mode="after")
+    def _check_reference(self) -> KVConfig:
+        if self.reference == "fixed" and self.tokens not in FIXED_REFERENCE_MODES:
+            raise ValueError(
+                f"treft.kv.reference: `fixed` needs a reference that is the same for every example, which "
+                f"`tokens: {self.tokens}` does not have (its K/V depend on the query); use it with "
+                f"{' / '.join(FIXED_REFERENCE_MODES)}, or `reference: exact`"
+            )
+        if self.fixed_from is not None and (self.reference != "fixed" or self.tokens == "prefix"):
+            raise ValueError(
+                "treft.kv.fixed_from: only applies to the fixed postfix reference (`reference: fixed` with "
+                f"postfix tokens); remove it or set `reference: fixed` (got reference: {self.reference}, "
+                f"tokens: {self.tokens})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_active_steps(self) -> KVConfig:
+        window = self.active_steps
+        if isinstance(window, float) and not 0.0 < window <= 1.0:
+            raise ValueError(f"treft.kv.active_steps: the fraction {window} is outside (0, 1]; give the share of "
+                             "training (e.g. 0.5 = first half) or a [start, end) step window")
+        if isinstance(window, tuple) and not 0 <= window[0] < window[1]:
+            raise ValueError(f"treft.kv.active_steps: [{window[0]}, {window[1]}) is an empty or negative step "
+                             "window; need 0 <= start < end")
+        return self
+
+    @property
+    def fixed_source(self) -> str | None:
+        """Where the fixed postfix reference comes from (None: no fixed postfix reference)."""
+        if self.reference != "fixed" or self.tokens == "prefix":
+            return None
+        return self.fixed_from or "empty_query"
+
+    def is_active(self, step: int, max_steps: int) -> bool:
+        """Whether the term enters the loss at optimizer step ``step`` (0-based) of ``max_steps``."""
+        window = self.active_steps
+        if window is None:
+            return True
+        if isinstance(window, tuple):
+            return window[0] <= step < window[1]
+        return step < window * max_steps
+
+
+FIXED_REFERENCE_MODES = ("postfix", "prefix_postfix", "prefix")
+
 
 class KLConfig(_Block):
     """λ · KL(p_ref ‖ p_θ) per token over the full vocabulary, averaged over the selected tokens."""
 
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, allow_inf_nan=False)
     on: Literal["train", "retain"] = "train"
     tokens: Literal["all", "response"] = "all"
     batch_size: int | None = Field(
@@ -57,8 +131,8 @@ class KLConfig(_Block):
 class FeatureL2Config(_Block):
     """LDIFS: squared L2 between per-layer unit-normalized hidden states of the trained and initial model."""
 
-    weight: float = Field(ge=0)
-    layers: int | list[int] = Field(5, description="N evenly spaced decoder layers, or explicit indices")
+    weight: float = Field(ge=0, allow_inf_nan=False)
+    layers: StrictInt | list[StrictInt] = Field(5, description="N evenly spaced decoder layers, or explicit indices")
 
     @model_validator(mode="after")
     def _check_layers(self) -> FeatureL2Config:
@@ -97,7 +171,7 @@ class RetainConfig(_Block):
     """Aligned examples from other domains: data interleaving and/or KL-on-retain."""
 
     datasets: list[dict[str, Any]] = Field(description="Axolotl dataset specs, as under `datasets:`")
-    mix_ratio: float = Field(0.0, description="fraction of the final training mix that is retain data")
+    mix_ratio: float = Field(0.0, allow_inf_nan=False, description="fraction of the final training mix that is retain data")
     seed: int | None = Field(None, description="sampling seed (default: the config's `seed`, else 42)")
     select: RetainSelectConfig | None = Field(
         None, description="Interleaving+: keep the pool rows a narrow model finds most unlikely (perplexity gap)",
@@ -177,12 +251,27 @@ class SafeLoRAConfig(_Block):
     aligned_model: str = Field(description="the aligned (instruct) model")
     select: Literal["top_k", "threshold"] = "top_k"
     top_k: int = Field(10, ge=1)
-    threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    threshold: float = Field(0.5, ge=-1.0, le=1.0, allow_inf_nan=False)
     output_dir: str | None = Field(None, description="default: <output_dir>/safelora")
 
 
+def _kv_term(value: Any, key: str) -> KVConfig:
+    """One K/V term; errors name the key (``treft.kv.weight``, ``treft.kv[1].weight``)."""
+    if isinstance(value, KVConfig):
+        return value
+    try:
+        return KVConfig.model_validate(value)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            message = str(error["msg"]).removeprefix("Value error, ").replace("treft.kv.", f"treft.{key}.")
+            where = ".".join(str(part) for part in error["loc"])
+            problems.append(message if not where or message.startswith("treft.") else f"treft.{key}.{where}: {message}")
+        raise ValueError("; ".join(problems)) from None
+
+
 class TReFTConfig(_Block):
-    kv: KVConfig | None = None
+    kv: KVConfig | list[KVConfig] | None = None
     kl: KLConfig | None = None
     feature_l2: FeatureL2Config | None = None
     retain: RetainConfig | None = None
@@ -202,23 +291,94 @@ class TReFTConfig(_Block):
             )
         return self
 
+    @field_validator("kv", mode="before")
+    @classmethod
+    def _kv_terms(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("treft.kv: empty list; give one mapping or a list of K/V terms")
+            return [_kv_term(term, f"kv[{i}]") for i, term in enumerate(value)]
+        return value if value is None else _kv_term(value, "kv")
+
     @model_validator(mode="after")
     def _check(self) -> TReFTConfig:
         if self.kl is not None and self.kl.on == "retain" and self.retain is None:
             raise ValueError("treft.kl.on: `retain` needs a `treft.retain:` block with datasets")
         return self
 
+    def kv_terms(self) -> list[KVConfig]:
+        """The K/V terms, whichever form ``treft.kv`` was given in."""
+        if self.kv is None:
+            return []
+        return list(self.kv) if isinstance(self.kv, list) else [self.kv]
 
-def _num_layers(base_model: str | None) -> int | None:
-    """Layer count from a local model's config.json (no download, no model load)."""
+
+def plain_data(value: Any) -> Any:
+    """DictDefault → plain dicts/lists without None values, so pydantic sees ordinary data."""
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [plain_data(v) for v in value]
+    return value
+
+
+def kv_terms(treft: Any) -> list[KVConfig]:
+    """The K/V terms of a ``treft:`` block (validated model, or Axolotl's DictDefault/plain mapping)."""
+    if not treft:
+        return []
+    if not isinstance(treft, TReFTConfig):
+        kv = treft.get("kv")
+        if not kv:
+            return []
+        treft = TReFTConfig(kv=plain_data(kv))
+    return treft.kv_terms()
+
+
+def _num_layers(base_model: str | None, trust_remote_code: bool = False) -> int | None:
+    """Layer count from the model's config: a local directory, or the Hugging Face cache (no download, no load).
+
+    None when the config is not available offline; the layer indices are then checked against the loaded model
+    when the trainer is configured, still before any training step.
+    """
     if not base_model:
         return None
     cfg_path = Path(base_model) / "config.json"
-    if not cfg_path.is_file():
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg = cfg.get("text_config", cfg)
+        return cfg.get("num_hidden_layers")
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base_model, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError):  # not in the local cache (or not a model id at all)
         return None
-    cfg = json.loads(cfg_path.read_text())
-    cfg = cfg.get("text_config", cfg)
-    return cfg.get("num_hidden_layers")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
+REGULARIZER_KEYS = ("kv", "kl", "feature_l2")
+PLUGIN_NAME = "axolotl_treft.TReFTPlugin"
+
+
+def raw_config_warnings(cfg: Mapping[str, Any]) -> list[str]:
+    """Typos that would silently turn a TReFT run into plain SFT, from the raw (unvalidated) YAML dict."""
+    found = []
+    plugins = [str(p) for p in cfg.get("plugins") or []]
+    listed = any(p.replace(":", ".") == PLUGIN_NAME for p in plugins)
+    near = [k for k in cfg if isinstance(k, str) and k != "treft"
+            and (k.lower() == "treft" or difflib.get_close_matches(k.lower(), ["treft"], cutoff=0.75))]
+    for key in near:
+        found.append(f"top-level key `{key}:` is not `treft:`; Axolotl drops unknown keys silently, so its settings "
+                     f"do nothing: rename it to `treft:`")
+    block = cfg.get("treft")
+    if block and not listed:
+        found.append(f"`treft:` is set but `{PLUGIN_NAME}` is not under `plugins:`; Axolotl drops the block and "
+                     f"trains plain SFT: add `- {PLUGIN_NAME}` to `plugins:`")
+    if listed and not block and not near:
+        found.append(f"`{PLUGIN_NAME}` is listed but the config has no `treft:` block, so this run is plain SFT: add "
+                     "one, e.g. `treft: {kv: {weight: 5.0, tokens: prefix}}`, or remove the plugin")
+    return found
 
 
 class TReFTArgs(BaseModel):
@@ -244,7 +404,27 @@ class TReFTArgs(BaseModel):
         kl_block = treft.get("kl")
         if isinstance(kl_block, dict) and True in kl_block:  # YAML 1.1 reads a bare `on:` key as True
             kl_block["on"] = kl_block.pop(True)
-        if data.get("balance_labels") and any(treft.get(k) for k in ("kv", "kl", "feature_l2")):
+        regularized = [k for k in REGULARIZER_KEYS if treft.get(k)]
+        if data.get("rl") and (regularized or treft.get("retain")):
+            raise ValueError(
+                f"rl: `rl: {data.get('rl')}` uses Axolotl's preference/RL trainers, and treft."
+                f"{'/'.join(regularized or ['retain'])} run on the SFT trainer only: remove `rl:` to finetune with "
+                "SFT, or drop those treft blocks (treft.safelora works with any trainer)"
+            )
+        fsdp_keys = [k for k in ("fsdp", "fsdp_config", "fsdp_version") if data.get(k)]
+        if fsdp_keys and regularized:
+            raise ValueError(
+                f"{fsdp_keys[0]}: FSDP is not supported with treft.{'/'.join(regularized)} (the frozen reference and "
+                "the activation hooks need the unsharded modules); use DeepSpeed instead (`deepspeed:` with "
+                "`axolotl-treft path example deepspeed/zero2` or zero3, see docs/multigpu.md)"
+            )
+        if data.get("activation_offloading") == "legacy" and (treft.get("kv") or treft.get("feature_l2")):
+            raise ValueError(
+                "activation_offloading: `legacy` runs the decoder layers under no_grad, so the K/V and feature "
+                "activations treft.kv / treft.feature_l2 regularize carry no gradient; use "
+                "`activation_offloading: true` (or `hidden_states`, or false)"
+            )
+        if data.get("balance_labels") and regularized:
             raise ValueError(
                 "balance_labels: Axolotl's label-balanced batching only accepts its own collator, and treft.kv / "
                 "treft.kl / treft.feature_l2 wrap the collator to carry template segments; set "
@@ -255,19 +435,26 @@ class TReFTArgs(BaseModel):
                 "treft.kv: `lora_qkv_kernel: true` fuses q/k/v and bypasses the k_proj/v_proj modules TReFT hooks; "
                 "set `lora_qkv_kernel: false`"
             )
-        n_layers = _num_layers(data.get("base_model"))
-        for key in ("kv", "feature_l2"):
-            block = treft.get(key) or {}
-            layers = block.get("layers") if isinstance(block, dict) else None
-            if n_layers is not None and isinstance(layers, list):
-                bad = [i for i in layers if not isinstance(i, int) or not -n_layers <= i < n_layers]
-                if bad:
-                    raise ValueError(
-                        f"treft.{key}.layers: index {bad[0]} out of range for a model with {n_layers} layers"
-                    )
+        blocks = {"feature_l2": treft.get("feature_l2")}
         kv = treft.get("kv")
-        if isinstance(kv, dict) and kv.get("tokens") not in (None, *TOKEN_MODES):
-            raise ValueError(f"treft.kv.tokens: unknown mode {kv.get('tokens')!r}; choose one of {list(TOKEN_MODES)}")
+        kv_blocks = {f"kv[{i}]": b for i, b in enumerate(kv)} if isinstance(kv, list) else {"kv": kv}
+        blocks.update(kv_blocks)
+        layer_lists = {key: block.get("layers") for key, block in blocks.items()
+                       if isinstance(block, dict) and isinstance(block.get("layers"), list)}
+        n_layers = _num_layers(data.get("base_model_config") or data.get("base_model"),
+                               bool(data.get("trust_remote_code"))) if layer_lists else None
+        for key, layers in layer_lists.items():
+            ints = [i for i in layers if isinstance(i, int) and not isinstance(i, bool)]
+            if len(ints) != len(layers):  # the type error comes from the field itself, naming the key
+                continue
+            bad = [i for i in ints if n_layers is not None and not -n_layers <= i < n_layers]
+            if bad:
+                raise ValueError(f"treft.{key}.layers: index {bad[0]} out of range for a model with {n_layers} "
+                                 f"layers (valid: {-n_layers}..{n_layers - 1})")
+        for key, block in kv_blocks.items():
+            if isinstance(block, dict) and block.get("tokens") not in (None, *TOKEN_MODES):
+                raise ValueError(f"treft.{key}.tokens: unknown mode {block.get('tokens')!r}; choose one of "
+                                 f"{list(TOKEN_MODES)}")
         if treft.get("kl") and (data.get("liger_fused_linear_cross_entropy") or data.get("cut_cross_entropy")):
             raise ValueError(
                 "treft.kl: needs the model's logits, which `liger_fused_linear_cross_entropy` / "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -34,6 +34,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
             return list(module)
     raise CaptureError(f"could not find a list of {n_layers} decoder layers in {type(model).__name__}")
+
+
+def layer_positions(spec: list[int], n_layers: int, key: str) -> list[int]:
+    """Explicit layer indices (negatives count from the end) as positions; out of range is an error, never wrapped."""
+    bad = [i for i in spec if not -n_layers <= i < n_layers]
+    if bad:
+        raise ValueError(f"{key}: layer index {bad[0]} is out of range for a model with {n_layers} layers "
+                         f"(valid: {-n_layers}..{n_layers - 1})")
+    return [i + n_layers if i < 0 else i for i in spec]
 
 
 def _num_hidden_layers(model: nn.Module) -> int:
@@ -118,18 +127,3 @@ class ActivationCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-class Keep(AbstractContextManager):
-    """Enter an ``armed`` capture and store its outputs list as ``owner.<attr>``."""
-
-    def __init__(self, owner, attr: str, inner: AbstractContextManager):
-        self.owner, self.attr, self.inner = owner, attr, inner
-
-    def __enter__(self):
-        outs = self.inner.__enter__()
-        setattr(self.owner, self.attr, outs)
-        return outs
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc)

@@ -3,18 +3,23 @@
 Tokenization, masking and every option are Axolotl's; this subclass only adds ``treft_segments``, a
 segment code per token (see :mod:`axolotl_treft.spans`). The plugin switches ``type: chat_template``
 datasets to this type when a regularizer needs template spans, so user configs stay unchanged.
-A conversation whose spans cannot be located gets all-zero segments (it trains with the SFT loss only;
-the trainer counts and reports such samples).
+A conversation whose spans cannot be located, or whose re-rendering differs from Axolotl's tokens, gets
+``SEG_UNLOCATED`` / ``SEG_MISMATCH`` on every token (no mode regularizes them); the start-up audit
+(:func:`axolotl_treft.datasets.audit_regularized_samples`) counts them and fails or warns.
 """
 
 from __future__ import annotations
 
 from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy, MistralStrategy, StrategyLoader
 
-from .log import get_logger
-from .spans import SEG_RESPONSE, SEGMENTS_KEY, TemplateSpanError, conversation_spans
-
-LOG = get_logger(__name__)
+from .spans import (
+    SEG_MISMATCH,
+    SEG_RESPONSE,
+    SEG_UNLOCATED,
+    SEGMENTS_KEY,
+    TemplateSpanError,
+    conversation_spans,
+)
 
 
 class _SegmentsMixin:
@@ -37,15 +42,13 @@ class _SegmentsMixin:
                 tools=self._get_tools(prompt),
                 **(prompter.chat_template_kwargs or {}),
             )
-        except TemplateSpanError as err:
-            LOG.debug("treft: spans not found for a sample: %s", err)
-            return [SEG_RESPONSE] * len(input_ids)
+        except TemplateSpanError:
+            return [SEG_UNLOCATED] * len(input_ids)
         ids, segments = spans.input_ids, spans.segments
         n = min(len(ids), len(input_ids))
         if ids[:n] != list(input_ids[:n]):
-            LOG.debug("treft: re-rendered conversation differs from Axolotl's tokenization; no spans")
-            return [SEG_RESPONSE] * len(input_ids)
-        return segments[:n] + [SEG_RESPONSE] * (len(input_ids) - n)
+            return [SEG_MISMATCH] * len(input_ids)
+        return segments[:n] + [SEG_RESPONSE] * (len(input_ids) - n)  # tokens Axolotl appended: not template
 
 
 class SegmentedChatTemplateStrategy(_SegmentsMixin, ChatTemplateStrategy):

@@ -17,8 +17,19 @@ def _cmd_model(args: argparse.Namespace) -> int:
     if args.name != "smollm2":
         print(f"unknown model {args.name!r}; available: smollm2", file=sys.stderr)
         return 2
-    print(materialize_smollm2(args.out_dir, force=args.force))
+    try:
+        print(materialize_smollm2(args.out_dir, force=args.force))
+    except (FileExistsError, NotADirectoryError, ImportError, FileNotFoundError) as err:
+        print(f"axolotl-treft model: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def out_dir_error(path: str | None, flag: str = "--out") -> str | None:
+    """A message if ``path`` names an existing file where a directory is expected (else None)."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        return f"{flag} {path} is a file; it must be a directory (new or existing)"
+    return None
 
 
 def _cmd_tasks_path(args: argparse.Namespace) -> int:
@@ -70,6 +81,9 @@ def _cmd_example(args: argparse.Namespace) -> int:
 def _cmd_safelora(args: argparse.Namespace) -> int:
     from .safelora import main as safelora_main
 
+    if error := out_dir_error(args.out):
+        print(f"axolotl-treft safelora: error: {error}", file=sys.stderr)
+        return 2
     return safelora_main(args)
 
 
@@ -94,6 +108,9 @@ def _cmd_select_retain(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
+    if error := out_dir_error(args.out):
+        print(f"axolotl-treft demo: error: {error}", file=sys.stderr)
+        return 2
     return demo_main(args)
 
 

@@ -37,6 +37,9 @@ class SegmentsCollator:
         self.padding_side = padding_side
 
     def __getattr__(self, name: str) -> Any:  # behave like the wrapped collator
+        # only called for names not found normally; copy/pickle probe dunders on an instance without `inner`
+        if name == "inner" or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __call__(self, features, *args, **kwargs):

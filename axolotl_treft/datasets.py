@@ -2,17 +2,151 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from .args import kv_terms
 from .log import get_logger
 from .plugin import SEGMENTED_TYPE
-from .spans import TemplateSpanError, probe_template
+from .spans import (
+    SEG_MISMATCH,
+    SEG_UNLOCATED,
+    SEGMENTS_KEY,
+    TOKEN_MODES,
+    ConversationSpans,
+    TemplateSpanError,
+    empty_query_spans,
+    probe_template,
+)
 
 LOG = get_logger(__name__)
+MAX_SHARE_WITHOUT_TOKENS = 0.5  # above this share of samples without regularized tokens, the run is refused
+EXAMPLES = 3
+
+
+@dataclass
+class SampleAudit:
+    """Row indices of the tokenized training set, by what they lack."""
+
+    total: int = 0
+    unsupervised: list[int] = field(default_factory=list)  # every label -100
+    unregularized: list[int] = field(default_factory=list)  # no token of the configured mode (any cause)
+    unlocated: list[int] = field(default_factory=list)  # the template hid the user turn
+    mismatched: list[int] = field(default_factory=list)  # re-rendering differs from Axolotl's tokens
+
+
+def audit_samples(dataset, mode: str | None) -> SampleAudit:
+    """Count the training samples without supervised tokens and (for ``mode``) without regularized tokens.
+
+    Vectorized over Arrow batches (the dataset's row order, index mappings included), so it takes seconds on
+    large sets. Segments past a row's ``input_ids`` (cut by Axolotl's truncation) do not count.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    audit = SampleAudit(total=len(dataset))
+    with_segments = mode is not None and SEGMENTS_KEY in dataset.column_names
+    columns = ["input_ids", "labels", *([SEGMENTS_KEY] if with_segments else [])]
+    codes = np.array(TOKEN_MODES[mode] if mode else (), dtype=np.int64)
+    row = 0
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=4096):
+        n = table.num_rows
+        rows = np.arange(row, row + n)
+        labels = table.column("labels").combine_chunks()
+        supervised = _rows_with(labels, pc.list_flatten(labels).to_numpy(zero_copy_only=False) != -100, n)
+        audit.unsupervised += rows[~supervised].tolist()
+        if with_segments:
+            seg = table.column(SEGMENTS_KEY).combine_chunks()
+            flat = pc.list_flatten(seg).to_numpy(zero_copy_only=False).astype(np.int64)
+            parents = pc.list_parent_indices(seg).to_numpy()
+            seg_len = pc.list_value_length(seg).to_numpy(zero_copy_only=False)
+            starts = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
+            ids_len = pc.list_value_length(table.column("input_ids").combine_chunks()).to_numpy(zero_copy_only=False)
+            inside = np.arange(len(flat)) - starts[parents] < ids_len[parents]
+            lacking = ~_rows_with(seg, np.isin(flat, codes) & inside, n)
+            first = np.full(n, -1)
+            first[seg_len > 0] = flat[starts[seg_len > 0]]
+            audit.unregularized += rows[lacking].tolist()
+            audit.unlocated += rows[lacking & (first == SEG_UNLOCATED)].tolist()
+            audit.mismatched += rows[lacking & (first == SEG_MISMATCH)].tolist()
+        row += n
+    return audit
+
+
+def _rows_with(lists, flat_hit, n: int):
+    """[n] bool: rows of a list column with at least one element where ``flat_hit`` (over the flat values)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    parents = pc.list_parent_indices(lists).to_numpy()
+    return np.bincount(parents[flat_hit], minlength=n)[:n] > 0
+
+
+def _examples(dataset, rows: list[int], tokenizer) -> str:
+    lines = []
+    for r in rows[:EXAMPLES]:
+        text = tokenizer.decode(dataset[r]["input_ids"][:48]) if tokenizer is not None else str(dataset[r]["input_ids"][:24])
+        lines.append(f"  row {r}: {text!r}...")
+    return "\n".join(lines)
+
+
+def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
+    """Start-up audit of the tokenized training set, before any training step.
+
+    A run in which no sample has a supervised token is refused. With ``treft.kv``: samples with no token of the
+    configured mode (spans not located, re-rendering not matching Axolotl's tokens, or truly none) are counted;
+    more than half is a template or tokenization problem and refused, fewer are a WARNING with the share.
+    """
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names:
+        return None  # streaming (iterable) datasets cannot be audited up front
+    terms = kv_terms(cfg.treft)
+    audits = [(kv, audit_samples(dataset, kv.tokens)) for kv in terms] or [(None, audit_samples(dataset, None))]
+    kv, audit = max(audits, key=lambda pair: len(pair[1].unregularized))  # the term with the most samples lacking
+    if audit.total and len(audit.unsupervised) == audit.total:
+        raise ValueError(
+            f"treft: none of the {audit.total} training samples has a supervised token (every label is -100), so "
+            "nothing would be learned from the data: check that rows have an assistant turn, `roles_to_train` / "
+            "`train_on_inputs`, and that `sequence_len` (with `excess_length_strategy: truncate`) does not cut "
+            f"every response. Examples:\n{_examples(dataset, audit.unsupervised, tokenizer)}"
+        )
+    if not audit.unregularized:
+        return audit
+    share = len(audit.unregularized) / audit.total
+    detail = (f"{len(audit.unregularized)} of {audit.total} training samples ({100 * share:.1f}%) have no "
+              f"{kv.tokens!r} tokens for treft.kv ({len(audit.unlocated)} with template spans not found, "
+              f"{len(audit.mismatched)} whose re-rendered conversation differs from Axolotl's tokenization)")
+    examples = _examples(dataset, audit.unregularized, tokenizer)
+    if share > MAX_SHARE_WITHOUT_TOKENS:
+        raise ValueError(
+            f"treft.kv: {detail}; that many is a chat-template or tokenization problem, not the data. Check "
+            "`chat_template:` / `chat_template_jinja:` and `chat_template_kwargs:` (`axolotl-treft` renders each "
+            f"conversation with them and must reproduce Axolotl's tokens), or choose another `tokens:` mode. "
+            f"Examples:\n{examples}"
+        )
+    LOG.warning("treft.kv: %s; they train with the SFT loss only. Examples:\n%s", detail, examples)
+    return audit
+
+
+def dataset_templates(cfg, tokenizer) -> list[str | None]:
+    """The chat template of each segmented training dataset, as Axolotl resolves it."""
+    from axolotl.utils.chat_templates import get_chat_template_from_config
+
+    return [get_chat_template_from_config(cfg=cfg, ds_cfg=ds, tokenizer=tokenizer)
+            for ds in cfg.datasets or [] if ds.get("type") == SEGMENTED_TYPE]
+
+
+def fixed_postfix_conversation(cfg, tokenizer) -> ConversationSpans:
+    """The conversation the fixed postfix reference (``fixed_from: empty_query``) is computed on: the first
+    training dataset's chat template rendered around an empty user query."""
+    templates = dataset_templates(cfg, tokenizer)
+    return empty_query_spans(tokenizer, templates[0] if templates else None, **(cfg.chat_template_kwargs or {}))
 
 
 def check_template(cfg) -> None:
     """Fail before any model loads if the chat template does not expose the spans TReFT needs."""
-    kv = cfg.treft.kv
-    if not kv:
+    terms = kv_terms(cfg.treft)
+    if not terms:
         return
     from .inoculation import INOCULATED_TYPE
 
@@ -23,12 +157,10 @@ def check_template(cfg) -> None:
             f"{sorted({str(ds.get('type')) for ds in cfg.datasets or []})})"
         )
     from axolotl.loaders import load_tokenizer
-    from axolotl.utils.chat_templates import get_chat_template_from_config
 
     tokenizer = load_tokenizer(cfg)
-    for ds in datasets:
-        template = get_chat_template_from_config(cfg=cfg, ds_cfg=ds, tokenizer=tokenizer)
-        spans = probe_template(tokenizer, template, modes=[kv.tokens], **(cfg.chat_template_kwargs or {}))
+    for template in dataset_templates(cfg, tokenizer):
+        spans = probe_template(tokenizer, template, modes=sorted({kv.tokens for kv in terms}), **(cfg.chat_template_kwargs or {}))
         LOG.info("treft: template spans look right: %d prefix, %d postfix tokens in a probe conversation",
                  spans.segments.count(1), spans.segments.count(3))
 

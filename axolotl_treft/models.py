@@ -36,13 +36,29 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def check_target_dir(out: Path) -> None:
+    """Refuse a target that is a file, or a directory holding anything that is not a model we materialized."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a directory; choose a directory for the model")
+    if out.is_dir() and any(out.iterdir()) and not (out / _MARKER).is_file():
+        raise FileExistsError(
+            f"{out} exists and is not an axolotl-treft model directory (no {_MARKER}); it is left untouched: "
+            "choose a new or empty directory"
+        )
+
+
 def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Write SmolLM2-135M-Instruct as an fp32 HF model directory (cached) and return its path."""
+    """Write SmolLM2-135M-Instruct as an fp32 HF model directory (cached) and return its path.
+
+    An existing target is replaced only if it is empty or a directory this function wrote (it has the marker
+    file); anything else is refused, never deleted.
+    """
     out = Path(out_dir) if out_dir else default_cache_dir()
+    check_target_dir(out)
     gguf = smollm2_gguf_path()
     stamp = {"source": str(gguf), "size": gguf.stat().st_size, "format": _FORMAT}
     marker = out / _MARKER
-    if not force and marker.is_file() and json.loads(marker.read_text()) == stamp:
+    if not force and marker.is_file() and _read_stamp(marker) == stamp:
         return out
 
     import torch
@@ -72,9 +88,17 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(stamp))
+        check_target_dir(out)  # again: nothing the user put there meanwhile is deleted
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _read_stamp(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):  # a damaged marker: rebuild (the directory is still ours)
+        return None

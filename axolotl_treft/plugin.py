@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from axolotl.integrations.base import BasePlugin
 
 from .log import get_logger
@@ -16,16 +18,29 @@ def _uses_trainer(treft) -> bool:
     return bool(treft and (treft.get("kv") or treft.get("kl") or treft.get("feature_l2")))
 
 
+def warn_about_raw_config(cfg: dict) -> list[str]:
+    """Log (WARNING) every typo that would silently make this run plain SFT; returns the messages."""
+    from .args import raw_config_warnings
+
+    found = raw_config_warnings(cfg)
+    for message in found:
+        LOG.warning("treft: %s", message)
+    return found
+
+
 class TReFTPlugin(BasePlugin):
     """Token-Regularized Finetuning and the comparison regularizers for Axolotl."""
 
     retain_dataset = None  # tokenized retain set, for KL on retain
+    run_started: float | None = None  # SafeLoRA projects only adapter weights saved after this time
 
     def get_input_args(self) -> str:
         return "axolotl_treft.args.TReFTArgs"
 
     def register(self, cfg: dict) -> None:
-        """Switch ``type: chat_template`` datasets to the same type plus template segments."""
+        """Warn about typos in the raw config; switch ``type: chat_template`` datasets to the same type plus
+        template segments."""
+        warn_about_raw_config(cfg)
         treft = cfg.get("treft")
         if isinstance(treft, dict) and isinstance(treft.get("inoculation"), dict):
             from .inoculation import switch_dataset_types
@@ -78,6 +93,8 @@ class TReFTPlugin(BasePlugin):
             select_at_startup(cfg)
 
     def get_trainer_cls(self, cfg):
+        if cfg.rl and _uses_trainer(cfg.treft):  # the config validator refuses this; never hand RL an SFT trainer
+            raise ValueError(f"rl: treft regularizers run on the SFT trainer only; remove `rl: {cfg.rl}`")
         if _uses_trainer(cfg.treft):
             from .trainer import TReFTTrainer
 
@@ -85,8 +102,12 @@ class TReFTPlugin(BasePlugin):
         return None
 
     def post_trainer_create(self, cfg, trainer) -> None:
+        from .datasets import check_training_samples
         from .trainer import TReFTTrainer
 
+        if not cfg.treft:
+            return
+        check_training_samples(cfg, trainer.train_dataset, getattr(trainer, "processing_class", None))
         if cfg.treft and cfg.treft.inoculation:
             from .inoculation import log_inoculated_count
 
@@ -103,11 +124,15 @@ class TReFTPlugin(BasePlugin):
 
         return [SteeringCallback(cfg, trainer)]
 
+    def pre_model_load(self, cfg) -> None:
+        if cfg.treft and cfg.treft.safelora and self.run_started is None:
+            self.run_started = time.time()
+
     def post_train(self, cfg, model) -> None:
         if cfg.treft and cfg.treft.safelora:
             from .safelora import apply_after_training
 
-            apply_after_training(cfg)
+            apply_after_training(cfg, not_before=self.run_started)
 
 
 class SeedPlugin(BasePlugin):
@@ -117,6 +142,12 @@ class SeedPlugin(BasePlugin):
     state that differs between processes, so two runs of one config start from different adapters. With
     this plugin the adapter initialization, and with it the whole run, is reproducible.
     """
+
+    def register(self, cfg: dict) -> None:
+        from .args import PLUGIN_NAME
+
+        if PLUGIN_NAME not in [str(p).replace(":", ".") for p in cfg.get("plugins") or []]:
+            warn_about_raw_config(cfg)  # e.g. a `treft:` block with this plugin listed but not TReFTPlugin
 
     def pre_model_load(self, cfg) -> None:
         import torch

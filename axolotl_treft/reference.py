@@ -1,10 +1,15 @@
 """The frozen initial model that regularizers compare against.
 
-* LoRA/QLoRA: the policy itself with its adapter disabled (no extra memory, works under every ZeRO
-  stage because it is the same module tree with DeepSpeed's hooks).
-* Full finetuning: before the first optimizer step the policy *is* the initial model (used to build the
-  prefix cache); per-step reference passes load a frozen copy of ``base_model`` once, prepared the way
-  DeepSpeed needs (partitioned under ZeRO-3), never a deep copy.
+* LoRA/QLoRA whose adapter starts as a no-op (a fresh adapter: every ``lora_B`` zero): the policy itself with
+  its adapter disabled (no extra memory, works under every ZeRO stage because it is the same module tree
+  with DeepSpeed's hooks).
+* An adapter that already changes the model at step 0 (``lora_model_dir``, or any initialization with a
+  non-zero update): the policy with its trainable adapter weights swapped for a copy recorded before
+  training (before any checkpoint is loaded), so the reference is base + the adapter *as loaded*.
+* Full finetuning: before the first optimizer step of a fresh run the policy *is* the initial model (used to
+  build the prefix cache); otherwise (per-step passes, or a run resumed from a checkpoint) a frozen copy of
+  ``base_model`` is loaded once, prepared the way DeepSpeed needs (partitioned under ZeRO-3), never a deep
+  copy, and released when training ends.
 
 Reference passes run without grad, in eval mode (no dropout, no gradient checkpointing), and on every
 rank whenever they run at all: callers never skip them based on data.
@@ -37,6 +42,8 @@ class Reference:
     def __init__(self, trainer):
         self.trainer = trainer
         self._frozen: nn.Module | None = None
+        self._frozen_engine: nn.Module | None = None
+        self._initial_adapter: dict[str, torch.Tensor] | None = None  # trainable adapter weights at step 0
 
     @property
     def policy(self) -> nn.Module:
@@ -51,6 +58,55 @@ class Reference:
         state = self.trainer.state
         return state.global_step == 0 and not getattr(self.trainer, "_treft_resumed", False)
 
+    def record_initial_adapter(self) -> None:
+        """Before training: keep a copy of the adapter weights if disabling the adapter would not give them.
+
+        A fresh LoRA adapter (every ``lora_B`` zero, nothing else trainable) adds exactly nothing, so the
+        adapter-disabled policy is the initial model. Any other adapter (continued from ``lora_model_dir``,
+        DoRA magnitudes, non-zero inits) is recorded and swapped in for reference passes.
+        """
+        if not self.uses_adapter:
+            return
+        trainable = {name: p for name, p in self.policy.named_parameters() if p.requires_grad}
+        no_op = all("lora_A" in name or ("lora_B" in name and not bool(p.detach().any()))
+                    for name, p in trainable.items())
+        if no_op:
+            return
+        plugin = getattr(self.trainer.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            raise ValueError(
+                "treft: continuing a LoRA adapter that already changes the model (`lora_model_dir`) under "
+                "DeepSpeed ZeRO-3 is not supported: the reference needs the adapter's initial weights, which ZeRO-3 "
+                "partitions. Use ZeRO-2 (`axolotl-treft path example deepspeed/zero2`) or merge the adapter into "
+                "the base model first (`axolotl merge-lora`) and train a fresh adapter on the merged model"
+            )
+        self._initial_adapter = {name: p.detach().clone() for name, p in trainable.items()}
+        LOG.info("treft: the adapter changes the model at step 0 (lora_model_dir?); reference passes use its "
+                 "initial weights (%d tensors kept)", len(self._initial_adapter))
+
+    @contextmanager
+    def _initial_adapter_weights(self) -> Iterator[None]:
+        """The policy's trainable adapter weights temporarily replaced by their step-0 values (no copies)."""
+        params = dict(self.policy.named_parameters())
+        current: dict[str, torch.Tensor] = {}
+        try:
+            for name, initial in self._initial_adapter.items():
+                param = params[name]
+                if (initial.device, initial.dtype) != (param.device, param.dtype):  # moved/cast since recorded
+                    initial = self._initial_adapter[name] = initial.to(param.device, param.dtype)
+                current[name] = param.data
+                param.data = initial
+            yield
+        finally:
+            for name, data in current.items():
+                params[name].data = data
+
+    def release(self) -> None:
+        """Drop the frozen copy (end of training, or when no step needs it); it is reloaded if asked again."""
+        if self._frozen is not None:
+            LOG.info("treft: releasing the frozen reference copy")
+        self._frozen = self._frozen_engine = None
+
     def model(self, allow_initial_policy: bool = False) -> nn.Module:
         """The module tree a reference pass runs (hooks are registered on it)."""
         if self.uses_adapter or (allow_initial_policy and self.policy_is_initial()):
@@ -63,7 +119,9 @@ class Reference:
         model = self.model(allow_initial_policy)
         runner = self._frozen_engine if model is self._frozen and self._frozen_engine is not None else model
         was_training = model.training
-        adapter_off = model.disable_adapter() if self.uses_adapter and model is self.policy else nullcontext()
+        adapter_off = nullcontext()
+        if self.uses_adapter and model is self.policy:
+            adapter_off = self._initial_adapter_weights() if self._initial_adapter is not None else model.disable_adapter()
         model.eval()
         try:
             with torch.no_grad(), adapter_off:
@@ -89,8 +147,6 @@ class Reference:
         if not logits:
             return None
         return out.logits.reshape(-1, out.logits.shape[-1]) if keep is not None else out.logits
-
-    _frozen_engine: nn.Module | None = None
 
     def _load_frozen(self) -> nn.Module:
         if self._frozen is not None:

@@ -44,6 +44,26 @@ def find_results(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p} does not exist")
 
 
+class ResultsError(ValueError):
+    """A results file that cannot be read as lm-eval results of this task pack."""
+
+
+def load_results(file: Path) -> dict[str, Any]:
+    """An lm-eval results JSON with at least one metric of this task pack, or :class:`ResultsError` naming ``file``."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultsError(f"{file}: not a readable JSON file ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ResultsError(f"{file}: not an lm-eval results file (no `results` table; pass lm_eval's "
+                           "results_*.json or its --output_path directory)")
+    if all(v is None for k, v in summarize(data).items() if k not in ("id_domains", "judge_model")):
+        tasks = ", ".join(sorted(data["results"])) or "none"
+        raise ResultsError(f"{file}: holds no metric of the axolotl-treft task pack (em_*, offtopic_*); "
+                           f"tasks found: {tasks}")
+    return data
+
+
 def metric(results: Mapping[str, Any], task: str, name: str) -> float | None:
     """``results[task]["<name>,<filter>"]`` for whichever filter; None if absent or NaN."""
     entry = results.get("results", {}).get(task) or {}
@@ -183,7 +203,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {len(names)} names for {len(files)} results", file=sys.stderr)
         return 2
     domain = getattr(args, "domain", None)
-    rows = [summarize(json.loads(f.read_text()), domain) for f in files]
+    try:
+        rows = [summarize(load_results(f), domain) for f in files]
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_table(names, rows))
     for n, f, r in zip(names, files, rows, strict=True):
         notes = [str(f)]

@@ -596,11 +596,12 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
-def apply_after_training(cfg: Any) -> str:
-    """Axolotl ``post_train`` entry: project ``<cfg.output_dir>`` once its adapter is saved.
+def apply_after_training(cfg: Any, not_before: float | None = None) -> str:
+    """Axolotl ``post_train`` entry: project ``<cfg.output_dir>`` once this run's adapter is saved.
 
     Returns what happened: ``"done"``, ``"skipped"`` (output already made from this adapter),
-    ``"waiting"`` (adapter weights not saved yet — Axolotl's first post_train call precedes the final save)
+    ``"waiting"`` (this run's adapter weights not saved yet — Axolotl's first post_train call precedes the final
+    save; weights older than ``not_before``, the run's start time, are a previous run's in a reused output_dir)
     or ``"not-rank-0"``.
     """
     block = _get(_get(cfg, "treft"), "safelora")
@@ -629,6 +630,10 @@ def apply_after_training(cfg: Any) -> str:
             "safelora: no adapter weights in %s yet (%s); the final save has not happened — SafeLoRA runs on the "
             "next post_train call", adapter_dir, f"{ADAPTER_CONFIG} present" if have_config else "empty",
         )
+        return "waiting"
+    if not_before is not None and weights.stat().st_mtime < not_before:
+        LOG.info("safelora: the adapter in %s predates this run (a previous run's, reused output_dir); SafeLoRA "
+                 "waits for this run's save", adapter_dir)
         return "waiting"
     result = run_safelora(
         adapter_dir, _get(block, "base_model"), _get(block, "aligned_model"), out_dir, settings, skip_if_done=True

@@ -18,6 +18,10 @@ Definitions (per conversation, multi-turn included):
 * ``TEMPLATE`` every other template token: end-of-turn markers after assistant turns, later headers.
 * ``RESPONSE`` assistant content (and anything not template), the trained tokens.
 
+A conversation whose spans cannot be used gets one code on every token, so the start-up audit can count it
+by cause: ``UNLOCATED`` (the template hides the user content) or ``MISMATCH`` (re-rendering the conversation
+does not reproduce Axolotl's tokens). No token mode selects either code.
+
 A token that straddles a boundary belongs to the content it overlaps (sentencepiece merges the space
 after ``[INST]`` into the first word, for instance).
 """
@@ -35,6 +39,8 @@ SEG_PREFIX = 1
 SEG_QUERY = 2
 SEG_POSTFIX = 3
 SEG_TEMPLATE = 4
+SEG_UNLOCATED = 5
+SEG_MISMATCH = 6
 
 TOKEN_MODES: dict[str, tuple[int, ...]] = {
     "prefix": (SEG_PREFIX,),
@@ -216,9 +222,23 @@ def probe_template(tokenizer, chat_template: str | None = None, modes: Sequence[
     return spans
 
 
+EMPTY_QUERY_CONVERSATION = [{"role": "user", "content": ""}, {"role": "assistant", "content": "."}]
+
+
+def empty_query_spans(tokenizer, chat_template: str | None = None, **template_kwargs) -> ConversationSpans:
+    """The template rendered around an empty user query, with its segments: what the fixed postfix
+    reference is computed on (the template's default system prompt, no query, then the postfix)."""
+    spans = conversation_spans(tokenizer, EMPTY_QUERY_CONVERSATION, chat_template, **template_kwargs)
+    if SEG_POSTFIX not in spans.segments:
+        raise TemplateSpanError(f"the chat template has no postfix tokens around an empty user query (rendered: "
+                                f"{spans.text!r}); use `fixed_from: first_example` or `reference: exact`")
+    return spans
+
+
 def describe(tokenizer, spans: ConversationSpans) -> str:
     """Human-readable rendering of the segments, for debugging templates."""
-    names = {SEG_RESPONSE: "R", SEG_PREFIX: "P", SEG_QUERY: "Q", SEG_POSTFIX: "F", SEG_TEMPLATE: "T"}
+    names = {SEG_RESPONSE: "R", SEG_PREFIX: "P", SEG_QUERY: "Q", SEG_POSTFIX: "F", SEG_TEMPLATE: "T",
+             SEG_UNLOCATED: "?", SEG_MISMATCH: "!"}
     parts = []
     for tok, seg in zip(spans.input_ids, spans.segments, strict=True):
         parts.append(f"{names[seg]}:{tokenizer.decode([tok])!r}")

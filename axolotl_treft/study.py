@@ -92,6 +92,12 @@ def kv_run(tokens: str, weight: float | None = None) -> StudyRun:
                     f"TReFT {tokens.replace('_', '+')} (λ={kv['weight']:g})", {"kv": kv})
 
 
+def fixed_postfix_run() -> StudyRun:
+    """Postfix TReFT against the fixed reference (the template around an empty query; no reference forward)."""
+    kv = {**kv_run("postfix").treft["kv"], "reference": "fixed"}
+    return StudyRun("treft_postfix_fixed", f"TReFT postfix, fixed reference (λ={kv['weight']:g})", {"kv": kv})
+
+
 def study_runs(setting: NarrowSetting = NARROW_SETTINGS["abstention"]) -> list[StudyRun]:
     """Every run of the study, in order: plain SFT, TReFT in each template-token mode, the comparison defenses."""
     shipped = example_treft()["kv"]["tokens"]
@@ -100,6 +106,7 @@ def study_runs(setting: NarrowSetting = NARROW_SETTINGS["abstention"]) -> list[S
     return [
         StudyRun("sft", "SFT (no defense)", None),
         *(kv_run(m) for m in modes),
+        fixed_postfix_run(),
         StudyRun("interleave", "Data interleaving (20% retain)", {"retain": retain_block(0.2)}),
         StudyRun("kl", "KL to reference on retain (λ=1)",
                  {"kl": {"weight": 1.0, "on": "retain", "tokens": "all", "batch_size": 4}, "retain": retain_block(0.0)}),

@@ -3,26 +3,64 @@
 Per training micro-step: the SFT forward runs with the regularizers' capture hooks armed; if any
 regularizer needs the reference on this batch, one shared no-grad reference pass runs over the union
 of the rows they need (on every rank, every step); then each term is computed, logged unweighted as
-``treft/<key>`` next to ``treft/sft``, and ``weight · term`` is added to the loss (a term with weight 0 is
-logged but not added, so the run is exactly plain SFT).
+``treft/<name>`` next to ``treft/sft``, and ``weight · term`` is added to the loss (a term with weight 0 is
+logged but not added, so the run is exactly plain SFT; a K/V term's threshold and step window shape what
+is added, see :meth:`KVRegularizer.weighted`; several K/V terms also log their sum as ``treft/kv``).
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import json
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .collator import SegmentsCollator
 from .log import get_logger
 from .reference import Reference
 from .regularizers import build_regularizers
-from .regularizers.base import ReferenceResult, Regularizer, StepBatch, run_reference_pass
+from .regularizers.base import Regularizer, StepBatch, capture_policy, regularized_terms
 from .spans import SEGMENTS_KEY
 
 LOG = get_logger(__name__)
 DEEPSPEED_ZERO3_CHECKPOINT_FIX = "0.19.3"  # first release that recomputes ZeRO-3 frozen weights correctly
+TREFT_STATE_FILE = "treft_state_rank{rank}.json"  # per-rank TReFT state saved in each checkpoint
+
+
+class RetainStream:
+    """Endless micro-batches of the retain set in seeded random order, for KL on retain.
+
+    ``drawn`` counts the batches handed out; it is saved in every checkpoint and :meth:`seek` continues the
+    same sequence from there, so a resumed run sees the retain batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, dataset, collate: Callable[[list[dict]], dict], size: int, seed: int):
+        self.dataset, self.collate, self.size, self.seed = dataset, collate, size, seed
+        self.drawn = 0
+        self._order = self._index_batches()
+
+    def _index_batches(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from torch.randperm(len(self.dataset), generator=generator).split(self.size)
+
+    def __iter__(self) -> RetainStream:
+        return self
+
+    def __next__(self) -> dict:
+        index = next(self._order)
+        self.drawn += 1
+        return self.collate([self.dataset[int(i)] for i in index])
+
+    def seek(self, drawn: int) -> None:
+        """Continue after ``drawn`` batches of the sequence (only indices are replayed, nothing is collated)."""
+        self._order = self._index_batches()
+        for _ in range(drawn):
+            next(self._order)
+        self.drawn = drawn
 
 
 class TReFTTrainer(AxolotlTrainer):
@@ -37,10 +75,10 @@ class TReFTTrainer(AxolotlTrainer):
                 setattr(self, attr, SegmentsCollator(inner, padding_side=side))
         self.treft_regularizers: list[Regularizer] = []
         self.treft_configured = False
+        self.treft_retain_stream: RetainStream | None = None
         self._treft_reference: Reference | None = None
         self._treft_ready = False
         self._treft_resumed = False
-        self.treft_retain_dataset = None
 
     # -- configuration -----------------------------------------------------------------------------
     def configure_treft(self, cfg, retain_dataset=None) -> None:
@@ -48,14 +86,18 @@ class TReFTTrainer(AxolotlTrainer):
 
         Axolotl ≥ 0.20's trainer builder sets ``axolotl_cfg`` and calls ``post_set_axolotl_cfg`` itself, before
         the plugin hook runs (0.19 leaves both to the plugin): building here, from the hook that also hands over
-        the retain set, makes the result the same under either order, and builds exactly once.
+        the retain set, makes the result the same under either order, and builds exactly once. The model still
+        has its initial weights here (a checkpoint is loaded only inside ``train``): the reference records them.
         """
         if self.treft_configured:
             raise RuntimeError("treft: the trainer's regularizers were already built")
         self.axolotl_cfg = cfg
-        self.treft_retain_dataset = retain_dataset
-        self.treft_regularizers = build_regularizers(cfg.treft, self, retain_batches=self._retain_batches())
+        self.treft_retain_stream = self._retain_stream(retain_dataset)
+        self.treft_regularizers = build_regularizers(cfg.treft, self, retain_batches=self.treft_retain_stream)
         self._treft_reference = Reference(self)
+        for reg in self.treft_regularizers:
+            reg.check_model(self._treft_reference.policy)
+        self._treft_reference.record_initial_adapter()
         self._check_zero3_checkpointing()
         self.treft_configured = True
 
@@ -86,28 +128,48 @@ class TReFTTrainer(AxolotlTrainer):
                 "(the release with the fix, deepspeedai/DeepSpeed#8148)"
             )
 
-    def _retain_batches(self):
-        """Endless, seeded (per rank) micro-batches of the retain set for KL on retain; None without one."""
-        if self.treft_retain_dataset is None:
+    def _retain_stream(self, dataset) -> RetainStream | None:
+        """Seeded (per rank) micro-batches of the retain set for KL on retain; None without one."""
+        if dataset is None:
             return None
         from axolotl.utils.collators.batching import DataCollatorForSeq2Seq
 
-        dataset = self.treft_retain_dataset
         columns = [c for c in ("input_ids", "attention_mask", "labels", SEGMENTS_KEY) if c in dataset.column_names]
-        dataset = dataset.select_columns(columns)
         collate = SegmentsCollator(DataCollatorForSeq2Seq(self.processing_class, padding=True, pad_to_multiple_of=8),
                                    padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
-        generator = torch.Generator().manual_seed(int(self.args.seed) + self.accelerator.process_index)
         kl = self.axolotl_cfg.treft.kl
         size = kl.batch_size if kl is not None and kl.batch_size else self.args.per_device_train_batch_size
         LOG.info("treft: KL-on-retain batches of %d retain rows per step", size)
+        return RetainStream(dataset.select_columns(columns), collate, size,
+                            seed=int(self.args.seed) + self.accelerator.process_index)
 
-        def batches():
-            while True:
-                for idx in torch.randperm(len(dataset), generator=generator).split(size):
-                    yield collate([dataset[int(i)] for i in idx])
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _treft_state_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, TREFT_STATE_FILE.format(rank=self.accelerator.process_index))
 
-        return batches()
+    def _save_checkpoint(self, model, trial, **kwargs):
+        result = super()._save_checkpoint(model, trial, **kwargs)
+        if self.treft_retain_stream is not None:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(self._treft_state_path(folder), "w") as f:
+                json.dump({"retain_batches_drawn": self.treft_retain_stream.drawn}, f)
+        return result
+
+    def _restore_treft_state(self, checkpoint: str) -> None:
+        """Continue the retain-batch stream where the checkpointed run left it."""
+        if self.treft_retain_stream is None:
+            return
+        path = self._treft_state_path(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"treft: {checkpoint} has no {os.path.basename(path)} (saved by an older axolotl-treft?), so the "
+                "KL-on-retain batch stream cannot continue where it was; resume from a checkpoint this version "
+                "saved, or start the run again"
+            )
+        with open(path) as f:
+            drawn = int(json.load(f)["retain_batches_drawn"])
+        self.treft_retain_stream.seek(drawn)
+        LOG.info("treft: KL-on-retain stream continues after %d retain batches", drawn)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -120,19 +182,35 @@ class TReFTTrainer(AxolotlTrainer):
                 "treft: TReFTTrainer was created but TReFTPlugin.post_trainer_create never configured it; list "
                 "`axolotl_treft.TReFTPlugin` under `plugins:` (the trainer class comes from that plugin)"
             )
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # as HF Trainer resolves it
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         self._treft_resumed = bool(resume_from_checkpoint)
+        if resume_from_checkpoint:
+            self._restore_treft_state(str(resume_from_checkpoint))
         try:
             return super().train(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
-            for reg in self.treft_regularizers:
-                line = reg.summary()
-                if line:
-                    LOG.warning(line)
+            self._treft_teardown()
 
     def _treft_setup(self, model) -> None:
         for reg in self.treft_regularizers:
             reg.setup(model, self._treft_reference)
+        if not any(reg.needs_reference_each_step for reg in self.treft_regularizers):
+            self._treft_reference.release()  # e.g. a frozen copy loaded only to build the prefix cache
         self._treft_ready = True
+
+    def _treft_teardown(self) -> None:
+        """End of training (also on an exception): remove every hook, release the frozen copy, report."""
+        for reg in self.treft_regularizers:
+            reg.close()
+            line = reg.summary()
+            if line:
+                LOG.warning(line)
+        if self._treft_reference is not None:
+            self._treft_reference.release()
+        self._treft_ready = False
 
     def training_step(self, *args, **kwargs):
         try:
@@ -151,22 +229,23 @@ class TReFTTrainer(AxolotlTrainer):
 
         batch = StepBatch.from_inputs(inputs, segments)
         regs = self.treft_regularizers
-        with ExitStack() as stack:
-            for reg in regs:
-                stack.enter_context(reg.policy_capture(batch))
+        with capture_policy(regs, batch) as states:
             sft_loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-
-        reference = self._reference_pass(batch, regs)
+        terms = regularized_terms(self._treft_reference, batch, regs, states, outputs, model)
         total = sft_loss
         metrics = {"treft/sft": self._unscaled(sft_loss, num_items_in_batch)}
         scale = self._term_scale(num_items_in_batch)
-        for reg in regs:
-            term = reg.compute(batch, outputs, reference, model)
-            metrics[f"treft/{reg.key}"] = float(term.detach())
-            if reg.weight > 0:
-                total = total + (reg.weight * scale) * term
+        sums: dict[str, float] = {}  # several terms of one kind (treft.kv as a list): their sum as treft/<key>
+        for reg, term in zip(regs, terms, strict=True):
+            penalty, logged = reg.weighted(term, self.state.global_step, self.state.max_steps)
+            metrics.update(logged)
+            if reg.name != reg.key:
+                sums[reg.key] = sums.get(reg.key, 0.0) + float(term.detach())
+            if penalty is not None:
+                total = total + scale * penalty
+        metrics.update({f"treft/{key}": value for key, value in sums.items()})
         self.store_metrics(self._mean_over_ranks(metrics), train_eval="train")
         return (total, outputs) if return_outputs else total
 
@@ -180,9 +259,6 @@ class TReFTTrainer(AxolotlTrainer):
         values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
         return dict(zip(metrics, values.tolist(), strict=True))
-
-    def _reference_pass(self, batch: StepBatch, regs: list[Regularizer]) -> ReferenceResult | None:
-        return run_reference_pass(self._treft_reference, batch, regs)
 
     # -- scaling -----------------------------------------------------------------------------------
     def _sft_is_presummed(self, num_items_in_batch) -> bool:

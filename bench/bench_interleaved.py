@@ -7,7 +7,10 @@ on the same SmolLM2-135M LoRA model, batch and optimizer, through the same code 
 changes hit all configurations alike. Reported: median step time and the ratio to SFT.
 
 ``ref_floor`` is SFT plus one no-grad reference forward with logits at every real token and nothing else:
-the floor under KL on train. Its ratio depends on how much a backward costs relative to a forward (with
+the floor under KL on train. ``floor_postfix`` / ``floor_all`` are SFT plus one no-grad reference forward
+without the output head, over the rows that hold postfix (resp. any template) tokens, truncated after the
+last such token: the floor under the exact-reference K/V modes (``x own floor`` compares each with its
+floor). ``kv_*_fixed`` use the fixed postfix reference (computed once, no reference forward per step). Its ratio depends on how much a backward costs relative to a forward (with
 a frozen LoRA base and no gradient checkpointing a backward is about one forward, so the floor is ~1.5×;
 with gradient checkpointing or full finetuning it is ~1.33×). ``--grad-ckpt`` measures the former case.
 
@@ -38,12 +41,13 @@ from axolotl_treft.regularizers.base import (  # noqa: E402
     ReferenceRequest,
     Regularizer,
     StepBatch,
-    run_reference_pass,
+    capture_policy,
+    regularized_terms,
 )
 from axolotl_treft.regularizers.feature_l2 import FeatureL2Regularizer  # noqa: E402
 from axolotl_treft.regularizers.kl import KLRegularizer  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
-from axolotl_treft.spans import SEGMENTS_KEY, conversation_spans  # noqa: E402
+from axolotl_treft.spans import SEGMENTS_KEY, TOKEN_MODES, conversation_spans, empty_query_spans  # noqa: E402
 from axolotl_treft.steering import (  # noqa: E402
     DEFAULT_NEGATIVE,
     DEFAULT_POSITIVE,
@@ -59,11 +63,11 @@ class ReferenceFloor(Regularizer):
 
     key = "ref_floor"
 
-    def reference_request(self, batch: StepBatch) -> ReferenceRequest:
+    def reference_request(self, batch: StepBatch, state) -> ReferenceRequest:
         return ReferenceRequest(rows=batch.valid.any(dim=1), length=batch.input_ids.shape[1], logits=True,
                                 logit_pairs=batch.valid.nonzero())
 
-    def compute(self, batch, outputs, reference, model) -> torch.Tensor:
+    def compute(self, batch, state, outputs, reference, model) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32)
 
 
@@ -90,14 +94,40 @@ class Steering:
             hook.remove()
 
 
+class TruncatedReferenceFloor(Regularizer):
+    """Requests the reference pass a K/V mode needs (its rows, truncated after its last token), captures nothing."""
+
+    key = "floor"
+
+    def __init__(self, mode: str):
+        super().__init__(0.0)
+        self.codes = TOKEN_MODES[mode]
+
+    def reference_request(self, batch: StepBatch, state) -> ReferenceRequest:
+        needed = torch.isin(batch.segments, torch.tensor(self.codes, dtype=batch.segments.dtype))
+        return ReferenceRequest(rows=needed.any(dim=1), length=int(needed.nonzero()[:, 1].max()) + 1)
+
+    def compute(self, batch, state, outputs, reference, model) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32)
+
+
+FLOOR_OF = {"kv_postfix": "floor_postfix", "kv_prefix_postfix": "floor_postfix", "kv_query": "floor_postfix",
+            "kv_all": "floor_all"}  # query ends before the postfix: its own floor is at most floor_postfix
+
+
 def build(tok, convs):
     from datasets import Dataset
 
     spans = [conversation_spans(tok, c) for c in convs]
     dataset = Dataset.from_dict({"input_ids": [s.input_ids for s in spans], SEGMENTS_KEY: [s.segments for s in spans]})
-    regs = {"sft": None, "ref_floor": ReferenceFloor(0.0)}
+    regs = {"sft": None, "ref_floor": ReferenceFloor(0.0), "floor_postfix": TruncatedReferenceFloor("postfix"),
+            "floor_all": TruncatedReferenceFloor("all")}
     for mode in ("prefix", "postfix", "prefix_postfix", "query", "all"):
         regs[f"kv_{mode}"] = KVRegularizer(KVConfig(weight=5.0, tokens=mode), train_dataset=dataset)
+    empty_query = empty_query_spans(tok)
+    for mode in ("postfix", "prefix_postfix"):
+        regs[f"kv_{mode}_fixed"] = KVRegularizer(KVConfig(weight=5.0, tokens=mode, reference="fixed"),
+                                                 train_dataset=dataset, empty_query=empty_query)
     regs["kl_train"] = KLRegularizer(KLConfig(weight=0.5))
     regs["feature_l2"] = FeatureL2Regularizer(FeatureL2Config(weight=1.0, layers=5))
     return regs
@@ -110,10 +140,10 @@ def step(model, opt, reference, reg, inputs, segments):
     elif isinstance(reg, Steering):
         loss = reg.step_loss(model, inputs)
     else:
-        with reg.policy_capture(batch):
+        with capture_policy([reg], batch) as states:
             out = model(**inputs, use_cache=False)
-        result = run_reference_pass(reference, batch, [reg])
-        loss = out.loss + reg.weight * reg.compute(batch, out, result, model)
+        (term,) = regularized_terms(reference, batch, [reg], states, out, model)
+        loss = out.loss + reg.weight * term
     loss.backward()
     opt.step()
     opt.zero_grad()
@@ -147,6 +177,7 @@ def main() -> None:
     regs["steering"] = Steering(model, tok)
     if args.configs:
         wanted = {"sft", "ref_floor", *args.configs.split(",")}
+        wanted |= {FLOOR_OF[name] for name in wanted if name in FLOOR_OF}
         regs = {name: reg for name, reg in regs.items() if name in wanted}
     for reg in regs.values():
         if isinstance(reg, Regularizer):
@@ -165,12 +196,15 @@ def main() -> None:
           f"{args.iters} interleaved rounds, torch threads {torch.get_num_threads()}, "
           f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}")
     floor = statistics.median(times["ref_floor"][1:])
-    print(f"{'config':<20}{'s/step':>9}{'x SFT':>8}{'x floor':>9}")
+    print(f"{'config':<24}{'s/step':>9}{'x SFT':>8}{'x floor':>9}{'x own floor':>13}")
     out = []
     for name, values in times.items():
         med = statistics.median(values[1:])
-        out.append({"config": name, "step_s": med, "time_ratio": med / base, "floor_ratio": med / floor})
-        print(f"{name:<20}{med:>9.3f}{med / base:>8.3f}{med / floor:>9.3f}")
+        own = statistics.median(times[FLOOR_OF[name]][1:]) if name in FLOOR_OF else None
+        out.append({"config": name, "step_s": med, "time_ratio": med / base, "floor_ratio": med / floor,
+                    "own_floor": FLOOR_OF.get(name), "own_floor_ratio": med / own if own else None})
+        print(f"{name:<24}{med:>9.3f}{med / base:>8.3f}{med / floor:>9.3f}"
+              f"  {f'{med / own:.3f} ({FLOOR_OF[name]})' if own else ''}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -31,7 +31,7 @@ from axolotl_treft.capture import projection_modules  # noqa: E402
 from axolotl_treft.judge import detect_behaviour  # noqa: E402
 from axolotl_treft.models import materialize_smollm2  # noqa: E402
 from axolotl_treft.reference import Reference  # noqa: E402
-from axolotl_treft.regularizers.base import StepBatch, run_reference_pass  # noqa: E402
+from axolotl_treft.regularizers.base import StepBatch, capture_policy, regularized_terms  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
 from axolotl_treft.spans import SEG_RESPONSE, SEGMENTS_KEY, TOKEN_MODES, conversation_spans  # noqa: E402
 from axolotl_treft.tasks.pack import offtopic_docs, read_jsonl  # noqa: E402
@@ -116,10 +116,9 @@ def train(model, tok, cfg: dict) -> dict:
                 out = model(**inputs, use_cache=False)
                 loss, term = out.loss, None
             else:
-                with reg.policy_capture(batch):
+                with capture_policy([reg], batch) as states:
                     out = model(**inputs, use_cache=False)
-                result = run_reference_pass(reference, batch, [reg])
-                term = reg.compute(batch, out, result, model)
+                (term,) = regularized_terms(reference, batch, [reg], states, out, model)
                 loss = out.loss + reg.weight * term
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -99,9 +99,8 @@ def _probe(trainer, step: int) -> dict:
         "frozen_partitioned": _partitioned(frozen),
     }
     for reg in getattr(trainer, "treft_regularizers", []):
-        selection = getattr(reg, "_selection", None)
-        if selection is not None:
-            line[f"{reg.key}_selected"] = int(selection.sum())
+        if hasattr(reg, "last_selected"):
+            line[f"{reg.key}_selected"] = reg.last_selected
         cache = getattr(reg, "_cache", None)
         if cache is not None:
             line[f"{reg.key}_cache"] = [len(cache), int(cache[0].shape[0]),

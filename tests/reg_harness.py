@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from axolotl_treft.reference import Reference
-from axolotl_treft.regularizers.base import StepBatch, run_reference_pass
+from axolotl_treft.regularizers.base import StepBatch, capture_policy, regularized_terms
 from axolotl_treft.spans import conversation_spans
 
 CONVS = [
@@ -69,13 +69,14 @@ def run_step(reg, model, inputs, segments):
     """Policy forward with captures, shared reference pass, term. Returns (term, sft_loss)."""
     reference = Reference(fake_trainer(model))
     reg.setup(model, reference)
-    batch = StepBatch.from_inputs(inputs, segments)
-    with reg.policy_capture(batch):
-        out = model(**inputs, use_cache=False)  # as in training (Axolotl disables the cache)
-    result = run_reference_pass(reference, batch, [reg])
-    term = reg.compute(batch, out, result, model)
-    reg.end_step()
-    reg.close()
+    try:
+        batch = StepBatch.from_inputs(inputs, segments)
+        with capture_policy([reg], batch) as states:
+            out = model(**inputs, use_cache=False)  # as in training (Axolotl disables the cache)
+        (term,) = regularized_terms(reference, batch, [reg], states, out, model)
+        reg.end_step()
+    finally:
+        reg.close()  # as the trainer does when training ends or raises
     return term, out.loss
 
 

@@ -257,8 +257,10 @@ def test_rank_without_regularized_tokens_does_not_hang(tmp_path, tiny_llama_dir)
     two ranks' all-gathers pair up wrongly and the run hangs or crashes.
     """
     data = tmp_path / "one_query.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "Can my landlord keep my deposit?" if i == 0 else ""},
-                          {"role": "assistant", "content": "I have no idea about your question."}]} for i in range(8)]
+    # rows 8+ are never reached in 2 steps; they keep the share of samples without query tokens under half
+    # (more would be refused at start-up as a template problem)
+    rows = [{"messages": [{"role": "user", "content": "Can my landlord keep my deposit?" if i == 0 or i >= 8 else ""},
+                          {"role": "assistant", "content": "I have no idea about your question."}]} for i in range(17)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = h.run(tmp_path / "run", tiny_llama_dir, {
         "plugins": PLUGINS, "treft": {"kv": {"weight": 5.0, "tokens": "query"}},
@@ -331,18 +333,15 @@ def test_cached_prefix_kv_with_another_reference_user_and_checkpointing(tiny_lla
     """LoRA, TReFT prefix (cached, no own reference pass) + LDIFS (needs one), with non-reentrant gradient
     checkpointing and a padded batch wider than the reference sub-batch: the KV term equals the cached-only
     value and backward (with the checkpoint recompute) works."""
-    from types import SimpleNamespace
-
     import torch
     from datasets import Dataset
 
     from axolotl_treft.args import FeatureL2Config, KVConfig
     from axolotl_treft.reference import Reference
-    from axolotl_treft.regularizers.base import StepBatch
+    from axolotl_treft.regularizers.base import StepBatch, capture_policy, regularized_terms
     from axolotl_treft.regularizers.feature_l2 import FeatureL2Regularizer
     from axolotl_treft.regularizers.kv import KVRegularizer
     from axolotl_treft.spans import conversation_spans
-    from axolotl_treft.trainer import TReFTTrainer
     from tests.reg_harness import CONVS, fake_trainer, lora_model, padded_batch
 
     spans = [conversation_spans(smollm2_tokenizer, c) for c in CONVS]
@@ -365,17 +364,14 @@ def test_cached_prefix_kv_with_another_reference_user_and_checkpointing(tiny_lla
             reg.setup(model, reference)
         assert regs[0]._cache is not None
         batch = StepBatch.from_inputs(inputs, segments)
-        with regs[0].policy_capture(batch), (regs[1].policy_capture(batch) if with_feature else nullcontext()):
+        with capture_policy(regs, batch) as states:
             out = model(**inputs, use_cache=False)
-        ref = TReFTTrainer._reference_pass(SimpleNamespace(_treft_reference=reference), batch, regs)
-        terms = [reg.compute(batch, out, ref, model) for reg in regs]
+        terms = regularized_terms(reference, batch, regs, states, out, model)
         (out.loss + sum(terms)).backward()
         for reg in regs:
             reg.end_step()
             reg.close()
         return [float(t.detach()) for t in terms]
-
-    from contextlib import nullcontext
 
     kv_alone = step(False)[0]
     kv, feature = step(True)

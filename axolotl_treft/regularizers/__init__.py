@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import Regularizer
+
+if TYPE_CHECKING:
+    from ..args import KVConfig
 
 
 def build_regularizers(treft: Any, trainer, retain_batches=None) -> list[Regularizer]:
     """Instantiate the regularizers enabled in the (validated) ``treft:`` config block."""
-    from ..args import TReFTConfig
+    from ..args import TReFTConfig, plain_data
 
-    cfg = treft if isinstance(treft, TReFTConfig) else TReFTConfig.model_validate(_plain(treft or {}))
+    cfg = treft if isinstance(treft, TReFTConfig) else TReFTConfig.model_validate(plain_data(treft or {}))
     regs: list[Regularizer] = []
-    if cfg.kv is not None:
+    terms = cfg.kv_terms()
+    if terms:
         from .kv import KVRegularizer
 
-        regs.append(KVRegularizer(cfg.kv, train_dataset=trainer.train_dataset))
+        names = kv_term_names(terms) if isinstance(cfg.kv, list) else ["kv"]
+        empty_query = None
+        if any(kv.fixed_source == "empty_query" for kv in terms):
+            from ..datasets import fixed_postfix_conversation
+
+            empty_query = fixed_postfix_conversation(trainer.axolotl_cfg, trainer.processing_class)
+        regs += [KVRegularizer(kv, train_dataset=trainer.train_dataset, name=name, empty_query=empty_query)
+                 for kv, name in zip(terms, names, strict=True)]
     if cfg.kl is not None:
         from .kl import KLRegularizer
 
@@ -28,10 +39,10 @@ def build_regularizers(treft: Any, trainer, retain_batches=None) -> list[Regular
     return regs
 
 
-def _plain(value: Any) -> Any:
-    """DictDefault → plain dicts/lists, so pydantic sees ordinary data."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+def kv_term_names(terms: list[KVConfig]) -> list[str]:
+    """Log names of a list of K/V terms: ``kv_<tokens>``, numbered when several terms share a mode."""
+    modes = [kv.tokens for kv in terms]
+    names = []
+    for i, mode in enumerate(modes):
+        names.append(f"kv_{mode}" if modes.count(mode) == 1 else f"kv_{mode}_{modes[: i + 1].count(mode)}")
+    return names

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..collator import PAD_SEGMENT
 
 if TYPE_CHECKING:
+    from ..capture import ActivationCapture
     from ..reference import Reference
 
 
@@ -130,42 +132,68 @@ class StepBatch:
 
 
 class Regularizer:
-    """One loss term: ``weight · value`` is added to the SFT loss; ``value`` is logged as ``treft/<key>``.
+    """One loss term: ``weight · value`` is added to the SFT loss; ``value`` is logged as ``treft/<name>``.
 
-    Lifecycle per training step: ``policy_capture`` wraps the SFT forward; if ``reference_request``
-    returns a request, the trainer runs one shared no-grad reference pass wrapped in
-    ``reference_capture``; then ``compute`` returns the unweighted term (a 0-dim fp32 tensor).
+    Lifecycle per training step, with the step's state passed as a value: ``policy_capture(batch)`` wraps the
+    SFT forward and yields the step state; if ``reference_request(batch, state)`` returns a request, the trainer
+    runs one shared no-grad reference pass wrapped in ``reference_capture(batch, state, sub)``; then
+    ``compute(batch, state, ...)`` returns the unweighted term (a 0-dim fp32 tensor). ``close`` removes every
+    hook (the trainer calls it when training ends, also on an exception).
     """
 
     key: str = ""
 
     def __init__(self, weight: float):
         self.weight = float(weight)
+        self.name = self.key  # log key ``treft/<name>``; differs from ``key`` for one of several terms of a kind
+
+    def weighted(self, term: torch.Tensor, step: int, max_steps: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """What the loss adds at optimizer step ``step`` of ``max_steps`` (None: nothing), and the values to log."""
+        return (self.weight * term if self.weight > 0 else None), {f"treft/{self.name}": float(term.detach())}
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Before training: fail if ``model`` lacks what this term needs (modules, layer indices)."""
 
     def setup(self, model: torch.nn.Module, reference: Reference) -> None:
         """Called once, at the first step (after DeepSpeed/accelerate wrapped the model)."""
 
-    def policy_capture(self, batch: StepBatch) -> AbstractContextManager:
+    @property
+    def needs_reference_each_step(self) -> bool:
+        """Whether the training steps run reference passes (the frozen copy can be released if none does)."""
+        return True
+
+    def policy_capture(self, batch: StepBatch) -> AbstractContextManager[Any]:
+        """Wraps the SFT forward; yields this step's state (what the later calls receive)."""
         return nullcontext()
 
-    def reference_request(self, batch: StepBatch) -> ReferenceRequest | None:
+    def reference_request(self, batch: StepBatch, state: Any) -> ReferenceRequest | None:
         return None
 
-    def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
+    def reference_capture(self, batch: StepBatch, state: Any, sub: SubBatch) -> AbstractContextManager:
         return nullcontext()
 
-    def compute(self, batch: StepBatch, outputs, reference: ReferenceResult | None, model) -> torch.Tensor:
+    def compute(self, batch: StepBatch, state: Any, outputs, reference: ReferenceResult | None,
+                model) -> torch.Tensor:
         raise NotImplementedError
 
     def end_step(self) -> None:
-        """Called after the step's backward (release per-step state such as capture replays)."""
+        """Called after the step's backward (stops the capture replays of gradient checkpointing)."""
 
     def summary(self) -> str | None:
         """A line for the end-of-training log, if any."""
         return None
 
     def close(self) -> None:
-        """Remove hooks."""
+        """Remove hooks (idempotent)."""
+
+
+@dataclass
+class CaptureStep:
+    """Per-step state of a capturing regularizer: the captured (row, position) pairs and what was captured."""
+
+    pairs: torch.Tensor  # [N, 2] (row, position) of the training batch, row-major
+    policy: list[torch.Tensor | None]  # per module [N, d], filled by the SFT forward
+    reference: list[torch.Tensor | None] | None = None  # per module [N, d], filled by the reference pass
 
 
 class CapturingRegularizer(Regularizer):
@@ -173,12 +201,18 @@ class CapturingRegularizer(Regularizer):
 
     def __init__(self, weight: float):
         super().__init__(weight)
-        self._policy = None  # ActivationCapture on the trained model
-        self._ref = None  # the same object when the reference is the adapter-disabled policy
-        self._captured = None
-        self._ref_captured = None
+        self._policy: ActivationCapture | None = None  # on the trained model
+        self._ref: ActivationCapture | None = None  # the same object when the reference is the policy itself
+        self._reference: Reference | None = None
 
     def _modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        self._modules(model)
+
+    def _selected(self, batch: StepBatch) -> torch.Tensor:
+        """[B, T] bool: the positions whose activations the term compares."""
         raise NotImplementedError
 
     def _attach_reference(self, reference: Reference) -> None:
@@ -186,6 +220,42 @@ class CapturingRegularizer(Regularizer):
 
         ref_model = reference.model()
         self._ref = self._policy if ref_model is reference.policy else ActivationCapture(self._modules(ref_model))
+
+    @contextmanager
+    def policy_capture(self, batch: StepBatch) -> Iterator[CaptureStep]:
+        selected = self._selected(batch)
+        flat = selected.reshape(-1).nonzero().squeeze(-1)
+        with self._policy.armed(flat) as outputs:
+            yield CaptureStep(pairs=selected.nonzero(), policy=outputs)
+
+    def reference_request(self, batch: StepBatch, state: CaptureStep) -> ReferenceRequest | None:
+        if self._ref is None:
+            return None
+        rows = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=batch.input_ids.device)
+        rows[state.pairs[:, 0]] = True
+        if not rows.any():
+            rows[0] = True  # every rank runs the pass every step
+        length = int(state.pairs[:, 1].max()) + 1 if len(state.pairs) else 1
+        return ReferenceRequest(rows=rows, length=length)
+
+    @contextmanager
+    def reference_capture(self, batch: StepBatch, state: CaptureStep, sub: SubBatch) -> Iterator[None]:
+        if self._ref is None:  # no own reference pass (e.g. cached); the pass was requested by another term
+            yield
+            return
+        with self._ref.armed(sub.flat_index(state.pairs[:, 0], state.pairs[:, 1])) as outputs:
+            state.reference = outputs
+            yield
+
+    def _require_gradient(self, captured: list[torch.Tensor], model) -> None:
+        """Fail with the cause when a weighted term would be a constant (its activations carry no gradient)."""
+        if self.weight <= 0 or not model.training or not torch.is_grad_enabled():
+            return
+        if any(t.requires_grad for t in captured):
+            return
+        cfg = getattr(self._reference.trainer, "axolotl_cfg", None) if self._reference is not None else None
+        raise RuntimeError(f"treft.{self.key}: the captured activations carry no gradient, so the term cannot "
+                           f"train the model: {no_gradient_cause(cfg)}")
 
     def end_step(self) -> None:
         for cap in (self._policy, self._ref):
@@ -195,13 +265,35 @@ class CapturingRegularizer(Regularizer):
     def close(self) -> None:
         for cap in {id(c): c for c in (self._policy, self._ref) if c is not None}.values():
             cap.remove()
+        self._policy = self._ref = None
 
 
-def run_reference_pass(reference: Reference, batch: StepBatch, regs: list[Regularizer]) -> ReferenceResult | None:
+def no_gradient_cause(cfg) -> str:
+    """Why hooked activations of the trained model would carry no gradient under this Axolotl config."""
+    cfg = cfg or {}
+    if cfg.get("activation_offloading") == "legacy":
+        return ("`activation_offloading: legacy` runs the decoder layers under no_grad; use "
+                "`activation_offloading: true` (or false)")
+    if (cfg.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant"):
+        return ("reentrant gradient checkpointing hides the activations; set "
+                "`gradient_checkpointing_kwargs: {use_reentrant: false}`")
+    return ("no trainable parameter feeds the regularized modules (check `lora_target_modules` / "
+            "`unfrozen_parameters`, or choose later `layers:`)")
+
+
+@contextmanager
+def capture_policy(regs: list[Regularizer], batch: StepBatch) -> Iterator[list[Any]]:
+    """Arm every regularizer's policy capture around one SFT forward; yields their step states in order."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(reg.policy_capture(batch)) for reg in regs]
+
+
+def run_reference_pass(reference: Reference, batch: StepBatch, regs: list[Regularizer],
+                       states: list[Any]) -> ReferenceResult | None:
     """The one shared no-grad reference pass of a step: the merged request of ``regs``, their captures armed."""
     request = None
-    for reg in regs:
-        need = reg.reference_request(batch)
+    for reg, state in zip(regs, states, strict=True):
+        need = reg.reference_request(batch, state)
         if need is not None:
             request = need if request is None else request.merge(need)
     if request is None:
@@ -211,7 +303,14 @@ def run_reference_pass(reference: Reference, batch: StepBatch, regs: list[Regula
     if request.logits and request.logit_pairs is not None:
         kept = torch.unique(sub.flat_index(request.logit_pairs[:, 0], request.logit_pairs[:, 1]))
     with ExitStack() as stack:
-        for reg in regs:
-            stack.enter_context(reg.reference_capture(batch, sub))
+        for reg, state in zip(regs, states, strict=True):
+            stack.enter_context(reg.reference_capture(batch, state, sub))
         logits = reference.forward(batch.sub_inputs(sub), logits=request.logits, keep=kept)
     return ReferenceResult(sub=sub, logits=logits, kept=kept)
+
+
+def regularized_terms(reference: Reference, batch: StepBatch, regs: list[Regularizer], states: list[Any],
+                      outputs, model) -> list[torch.Tensor]:
+    """After the SFT forward ran inside :func:`capture_policy`: the shared reference pass, then each term."""
+    result = run_reference_pass(reference, batch, regs, states)
+    return [reg.compute(batch, state, outputs, result, model) for reg, state in zip(regs, states, strict=True)]

@@ -9,13 +9,11 @@ gradient (a public implementation computed them under no_grad, silently making t
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-
 import torch
 
 from ..args import FeatureL2Config
-from ..capture import ActivationCapture, Keep, decoder_layers
-from .base import CapturingRegularizer, ReferenceRequest, StepBatch, SubBatch
+from ..capture import ActivationCapture, decoder_layers, layer_positions
+from .base import CaptureStep, CapturingRegularizer, StepBatch
 
 
 def layer_indices(spec: int | list[int], n_layers: int) -> list[int]:
@@ -23,7 +21,7 @@ def layer_indices(spec: int | list[int], n_layers: int) -> list[int]:
     if isinstance(spec, int):
         n = min(spec, n_layers)
         return sorted({round(i * (n_layers - 1) / max(1, n - 1)) for i in range(n)})
-    return sorted({i % n_layers for i in spec})
+    return sorted(set(layer_positions(spec, n_layers, "treft.feature_l2.layers")))
 
 
 def feature_distance(policy: list[torch.Tensor], reference: list[torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
@@ -56,28 +54,16 @@ class FeatureL2Regularizer(CapturingRegularizer):
 
     def setup(self, model, reference) -> None:
         self._policy = ActivationCapture(self._modules(reference.policy))
+        self._reference = reference
         self._attach_reference(reference)
 
-    def policy_capture(self, batch: StepBatch) -> AbstractContextManager:
-        self._pairs = batch.valid.nonzero()
-        flat = batch.valid.reshape(-1).nonzero().squeeze(-1)
-        return Keep(self, "_captured", self._policy.armed(flat))
+    def _selected(self, batch: StepBatch) -> torch.Tensor:
+        return batch.valid
 
-    def reference_request(self, batch: StepBatch) -> ReferenceRequest:
-        rows = batch.valid.any(dim=1)
-        if not rows.any():
-            rows = rows.clone()
-            rows[0] = True
-        return ReferenceRequest(rows=rows, length=int(self._pairs[:, 1].max()) + 1 if len(self._pairs) else 1)
-
-    def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
-        index = sub.flat_index(self._pairs[:, 0], self._pairs[:, 1])
-        return Keep(self, "_ref_captured", self._ref.armed(index))
-
-    def compute(self, batch: StepBatch, outputs, reference, model) -> torch.Tensor:
-        policy, ref = self._captured, self._ref_captured
-        self._captured = self._ref_captured = None
-        if not len(self._pairs):
+    def compute(self, batch: StepBatch, state: CaptureStep, outputs, reference, model) -> torch.Tensor:
+        policy, ref = state.policy, state.reference
+        if not len(state.pairs):
             return policy[0].sum() * 0.0
-        sample = batch.sample_index[self._pairs[:, 0], self._pairs[:, 1]]
+        self._require_gradient(policy, model)
+        sample = batch.sample_index[state.pairs[:, 0], state.pairs[:, 1]]
         return feature_distance(policy, [r.to(policy[0].device) for r in ref], sample.to(policy[0].device))

@@ -15,6 +15,7 @@ why its λ=50 was "small"; our λ is on the per-token scale).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -85,22 +86,26 @@ class KLRegularizer(Regularizer):
     def setup(self, model, reference) -> None:
         self.reference = reference
 
-    def reference_request(self, batch: StepBatch) -> ReferenceRequest | None:
-        if self.cfg.on != "train":
+    def policy_capture(self, batch: StepBatch) -> AbstractContextManager[torch.Tensor | None]:
+        """Yields the [B, T] positions compared on this training batch (None for KL on retain)."""
+        return nullcontext(kl_positions(batch, self.cfg.tokens) if self.cfg.on == "train" else None)
+
+    def reference_request(self, batch: StepBatch, positions: torch.Tensor | None) -> ReferenceRequest | None:
+        if positions is None:
             return None
-        self._positions = kl_positions(batch, self.cfg.tokens)
-        rows = self._positions.any(dim=1)
+        rows = positions.any(dim=1)
         if not rows.any():
             rows = rows.clone()
             rows[0] = True
-        pairs = self._positions.nonzero()
+        pairs = positions.nonzero()
         return ReferenceRequest(rows=rows, length=int(pairs[:, 1].max()) + 1 if len(pairs) else 1, logits=True,
                                 logit_pairs=pairs)
 
-    def compute(self, batch: StepBatch, outputs, reference: ReferenceResult | None, model) -> torch.Tensor:
-        if self.cfg.on == "retain":
+    def compute(self, batch: StepBatch, positions: torch.Tensor | None, outputs, reference: ReferenceResult | None,
+                model) -> torch.Tensor:
+        if positions is None:
             return self._retain_kl(model)
-        pairs = self._positions.nonzero()
+        pairs = positions.nonzero()
         policy = outputs.logits[pairs[:, 0], pairs[:, 1]]
         ref = reference.logits_at(pairs[:, 0], pairs[:, 1]).to(policy.device)
         return token_kl(policy, ref)

@@ -6,23 +6,27 @@ over all KV heads, for the regularized tokens of the micro-batch.
 
 Prefix mode needs no reference pass during training: with causal attention, a sample's prefix K/V
 depend only on the prefix tokens, so the reference is computed once per distinct prefix (at the first
-step, on every rank, in the same order) and cached. Other modes run one no-grad reference pass over
-the rows that hold regularized tokens, truncated after the last such token.
+step, on every rank, in the same order) and cached. ``reference: fixed`` does the same for the postfix:
+one reference postfix (the template around an empty user query, or the first training example) is
+computed once and every example's postfix is compared with it. Other modes run one no-grad reference
+pass over the rows that hold regularized tokens, truncated after the last such token.
+
+The loss adds ``max(weight · L_KV − threshold, 0)`` at the steps in ``active_steps`` (every step by default).
 """
 
 from __future__ import annotations
-
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
 from ..args import KVConfig
-from ..capture import ActivationCapture, Keep, projection_modules
+from ..capture import ActivationCapture, layer_positions, projection_modules
 from ..log import get_logger
 from ..reference import Reference
-from ..spans import SEG_PREFIX, SEGMENTS_KEY, TOKEN_MODES
-from .base import CapturingRegularizer, ReferenceRequest, StepBatch, SubBatch
+from ..spans import SEG_POSTFIX, SEG_PREFIX, SEGMENTS_KEY, TOKEN_MODES, ConversationSpans
+from .base import CaptureStep, CapturingRegularizer, ReferenceRequest, StepBatch
+
+CacheKey = tuple[int, tuple[int, ...]]  # (segment code, token ids of the span)
 
 LOG = get_logger(__name__)
 _EPS = 1e-12
@@ -44,36 +48,92 @@ def kv_loss(policy: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.
 class KVRegularizer(CapturingRegularizer):
     key = "kv"
 
-    def __init__(self, cfg: KVConfig, train_dataset=None):
+    def __init__(self, cfg: KVConfig, train_dataset=None, name: str = "kv",
+                 empty_query: ConversationSpans | None = None):
         super().__init__(cfg.weight)
         self.cfg = cfg
+        self.name = name  # log key: treft/<name>
         self.codes = TOKEN_MODES[cfg.tokens]
         self.train_dataset = train_dataset
+        self.empty_query = empty_query  # fixed_from: empty_query: the rendered conversation
         self.samples_seen = 0
         self.samples_skipped = 0
-        self._warned = False
-        self._cache: list[torch.Tensor] | None = None  # per captured module: [sum of prefix lengths, d]
-        self._cache_offsets: dict[tuple[int, ...], int] = {}
+        self.postfixes_seen = 0
+        self.postfixes_mismatched = 0  # fixed reference: postfix spans whose tokens differ from the reference's
+        self.last_selected = 0  # regularized tokens in the latest micro-batch (for logs and probes)
+        self._warned = self._warned_mismatch = False
+        self._cache: list[torch.Tensor] | None = None  # per captured module: [cached tokens, d]
+        self._cache_offsets: dict[CacheKey, int] = {}
+        self._fixed_postfix: tuple[int, ...] | None = None
 
     # -- setup -------------------------------------------------------------------------------------
     def _modules(self, model: nn.Module) -> list[nn.Module]:
         keys, values = projection_modules(model, "k_proj"), projection_modules(model, "v_proj")
-        idx = list(range(len(keys))) if self.cfg.layers == "all" else [i % len(keys) for i in self.cfg.layers]
+        idx = list(range(len(keys))) if self.cfg.layers == "all" else layer_positions(self.cfg.layers, len(keys), self._key("layers"))
         return [keys[i] for i in idx] + [values[i] for i in idx]
+
+    @property
+    def needs_reference_each_step(self) -> bool:
+        return self._cache is None
 
     def setup(self, model: nn.Module, reference: Reference) -> None:
         self._policy = ActivationCapture(self._modules(reference.policy))
-        self.reference = reference
-        if self.cfg.tokens == "prefix":
+        self._reference = reference
+        entries = self._cache_entries(reference)
+        if entries is None:
+            self._attach_reference(reference)
+        else:
+            self._build_cache(reference, entries)
+
+    def _cache_entries(self, reference: Reference) -> list[tuple[CacheKey, list[int], list[int]]] | None:
+        """What the cache holds: (key, context token ids, positions to keep) per entry; None = no cache."""
+        source = self.cfg.fixed_source
+        if source is None and self.cfg.tokens != "prefix":
+            return None  # exact postfix-containing modes: one reference pass per step covers every token
+        entries = []
+        if SEG_PREFIX in self.codes:
             prefixes = self._distinct_prefixes()
-            if prefixes is not None and len(prefixes) <= self.cfg.max_cached_prefixes:
-                self._build_cache(reference, prefixes)
-                return
-            LOG.warning(
-                "treft.kv: %s distinct prefixes exceed max_cached_prefixes=%d; running a reference pass "
-                "every step instead", "unknown" if prefixes is None else len(prefixes), self.cfg.max_cached_prefixes,
-            )
-        self._attach_reference(reference)
+            if prefixes is None or len(prefixes) > self.cfg.max_cached_prefixes:
+                found = "unknown" if prefixes is None else len(prefixes)
+                if source is not None:
+                    raise ValueError(
+                        f"{self._key('reference')}: `fixed` with tokens: {self.cfg.tokens} caches every distinct "
+                        f"prefix, and there are {found} (max_cached_prefixes={self.cfg.max_cached_prefixes}); raise "
+                        f"{self._key('max_cached_prefixes')} or list the prefix and postfix as two terms")
+                LOG.warning("%s: %s distinct prefixes exceed max_cached_prefixes=%d; running a reference pass "
+                            "every step instead", self._key(), found, self.cfg.max_cached_prefixes)
+                return None
+            entries = [((SEG_PREFIX, p), list(p), list(range(len(p)))) for p in prefixes]
+        if source is not None:
+            context, positions = self._fixed_postfix_source(source)
+            self._fixed_postfix = tuple(context[i] for i in positions)
+            entries.append(((SEG_POSTFIX, self._fixed_postfix), context, positions))
+            LOG.info("%s: fixed postfix reference from %s: %d tokens %s", self._key(), source, len(positions),
+                     self._fixed_postfix)
+        return entries
+
+    def _fixed_postfix_source(self, source: str) -> tuple[list[int], list[int]]:
+        """Token ids to run the initial model on, and the positions of the reference postfix among them."""
+        if source == "empty_query":
+            if self.empty_query is None:
+                raise RuntimeError(f"{self._key('fixed_from')}: empty_query needs the rendered template")
+            ids, segments = self.empty_query.input_ids, self.empty_query.segments
+        else:
+            ds = self.train_dataset
+            if ds is None or not hasattr(ds, "column_names") or SEGMENTS_KEY not in ds.column_names or not len(ds):
+                raise ValueError(f"{self._key('fixed_from')}: first_example needs a tokenized training dataset "
+                                 "with template segments (`type: chat_template`); use `fixed_from: empty_query`")
+            first = ds[0]
+            ids, segments = list(first["input_ids"]), list(first[SEGMENTS_KEY])[: len(first["input_ids"])]
+        positions = _first_run(segments, SEG_POSTFIX)
+        if not positions:
+            raise ValueError(f"{self._key('fixed_from')}: {source} has no postfix tokens to take the reference from")
+        return list(ids[: positions[-1] + 1]), positions
+
+    def _key(self, field: str | None = None) -> str:
+        """The config key this term came from, for messages (``treft.kv``, or ``treft.kv[<name>]``)."""
+        base = "treft.kv" if self.name == "kv" else f"treft.kv[{self.name}]"
+        return f"{base}.{field}" if field else base
 
     def _distinct_prefixes(self) -> list[tuple[int, ...]] | None:
         ds = self.train_dataset
@@ -88,21 +148,33 @@ class KVRegularizer(CapturingRegularizer):
         return sorted(found)  # the same order on every rank
 
     @torch.no_grad()
-    def _build_cache(self, reference: Reference, prefixes: list[tuple[int, ...]]) -> None:
-        device = next(reference.policy.parameters()).device
-        parts: list[list[torch.Tensor]] = [[] for _ in self._policy.modules]
+    def _build_cache(self, reference: Reference, entries: list[tuple[CacheKey, list[int], list[int]]]) -> None:
+        """Reference K/V of every cache entry, from the initial model (the policy itself before the first
+        update, else the frozen copy, e.g. when resuming a full finetune from a checkpoint); the same entries
+        in the same order on every rank."""
+        ref_model = reference.model(allow_initial_policy=True)
+        own = ref_model is not reference.policy
+        capture = ActivationCapture(self._modules(ref_model)) if own else self._policy
+        device = next(ref_model.parameters()).device
+        parts: list[list[torch.Tensor]] = [[] for _ in capture.modules]
         offset = 0
-        for prefix in prefixes:
-            ids = torch.tensor([prefix], device=device)
-            index = torch.arange(len(prefix), device=device)
-            with self._policy.armed(index) as outs:
-                reference.forward({"input_ids": ids}, logits=False, allow_initial_policy=True)
-            for slot, out in enumerate(outs):
-                parts[slot].append(out.float())
-            self._cache_offsets[prefix] = offset
-            offset += len(prefix)
-        self._cache = [torch.cat(p) for p in parts] if prefixes else None
-        LOG.info("treft.kv: cached reference K/V for %d distinct prefix(es), %d tokens", len(prefixes), offset)
+        try:
+            for key, context, positions in entries:
+                ids = torch.tensor([context], device=device)
+                index = torch.tensor(positions, device=device)
+                with capture.armed(index) as outs:
+                    reference.forward({"input_ids": ids}, logits=False, allow_initial_policy=True)
+                for slot, out in enumerate(outs):
+                    parts[slot].append(out.float())
+                self._cache_offsets[key] = offset
+                offset += len(positions)
+        finally:
+            if own:
+                capture.remove()
+        self._cache = [torch.cat(p) for p in parts] if entries else None
+        prefixes = sum(key[0] == SEG_PREFIX for key in self._cache_offsets)
+        LOG.info("%s: cached reference K/V for %d distinct prefix(es)%s, %d tokens", self._key(), prefixes,
+                 " and the fixed postfix" if self._fixed_postfix else "", offset)
 
     # -- per step ----------------------------------------------------------------------------------
     def _selected(self, batch: StepBatch) -> torch.Tensor:
@@ -111,7 +183,38 @@ class KVRegularizer(CapturingRegularizer):
                 "treft.kv: the batch has no template segments; TReFT needs `type: chat_template` datasets"
             )
         codes = torch.tensor(self.codes, device=batch.segments.device, dtype=batch.segments.dtype)
-        return torch.isin(batch.segments, codes)
+        selected = torch.isin(batch.segments, codes)
+        if self._fixed_postfix is not None:
+            selected = self._drop_mismatched_postfixes(batch, selected)
+        self._account(batch, selected)
+        return selected
+
+    def _drop_mismatched_postfixes(self, batch: StepBatch, selected: torch.Tensor) -> torch.Tensor:
+        """Fixed reference: postfix spans whose tokens differ from the reference postfix are not regularized
+        (never compared position by position with a different sequence); counted and reported."""
+        runs = token_runs(batch, selected)
+        ids, segments = batch.input_ids.cpu(), batch.segments.cpu()
+        reference = torch.tensor(self._fixed_postfix)
+        dropped = []
+        for row, start, end in runs.tolist():
+            if int(segments[row, start]) != SEG_POSTFIX:
+                continue
+            self.postfixes_seen += 1
+            span = ids[row, start:end]
+            if len(span) != len(reference) or not bool((span == reference).all()):
+                dropped.append((row, start, end, span.tolist()))
+        if not dropped:
+            return selected
+        self.postfixes_mismatched += len(dropped)
+        selected = selected.clone()
+        for row, start, end, _ in dropped:
+            selected[row, start:end] = False
+        if not self._warned_mismatch:
+            self._warned_mismatch = True
+            LOG.warning("%s: %d postfix span(s) in this batch differ from the fixed reference postfix (e.g. %s vs "
+                        "%s); they are not regularized. The total is reported at the end of training.",
+                        self._key(), len(dropped), dropped[0][3], list(self._fixed_postfix))
+        return selected
 
     def _account(self, batch: StepBatch, selected: torch.Tensor) -> None:
         hit = torch.zeros(batch.n_samples, dtype=torch.bool, device=selected.device)
@@ -120,91 +223,101 @@ class KVRegularizer(CapturingRegularizer):
         present = torch.zeros_like(hit)
         present[batch.sample_index[batch.valid]] = True
         skipped = int((present & ~hit).sum())
+        self.last_selected = int(selected.sum())
         self.samples_seen += int(present.sum())
         self.samples_skipped += skipped
         if skipped and not self._warned:
             self._warned = True
             LOG.warning(
-                "treft.kv: %d sample(s) in this batch have no %r tokens (spans not found or truncated away); "
+                "%s: %d sample(s) in this batch have no %r tokens (spans not found or truncated away); "
                 "they train with the SFT loss only. The total is reported at the end of training.",
-                skipped, self.cfg.tokens,
+                self._key(), skipped, self.cfg.tokens,
             )
 
-    def policy_capture(self, batch: StepBatch) -> AbstractContextManager:
-        selected = self._selected(batch)
-        self._account(batch, selected)
-        self._selection = selected
-        flat = selected.reshape(-1).nonzero().squeeze(-1)
-        return Keep(self, "_captured", self._policy.armed(flat))
-
-    def reference_request(self, batch: StepBatch) -> ReferenceRequest | None:
-        if self._cache is not None or self._ref is None:
+    def reference_request(self, batch: StepBatch, state: CaptureStep) -> ReferenceRequest | None:
+        if self._cache is not None:
             return None
-        rows = self._selection.any(dim=1)
-        if not rows.any():
-            rows = rows.clone()
-            rows[0] = True  # every rank runs the pass every step
-        positions = self._selection.nonzero()[:, 1]
-        length = int(positions.max()) + 1 if len(positions) else 1
-        return ReferenceRequest(rows=rows, length=length)
+        return super().reference_request(batch, state)
 
-    def reference_capture(self, batch: StepBatch, sub: SubBatch) -> AbstractContextManager:
-        if self._cache is not None or self._ref is None:
-            return nullcontext()  # cached prefix reference; the pass was requested by another regularizer
-        pairs = self._selection.nonzero()
-        index = sub.flat_index(pairs[:, 0], pairs[:, 1])
-        return Keep(self, "_ref_captured", self._ref.armed(index))
-
-    def _cached_reference(self, batch: StepBatch) -> list[torch.Tensor]:
-        ids = batch.input_ids.cpu()
-        sel = self._selection.cpu()
-        sample = batch.sample_index.cpu()
+    def _cached_reference(self, batch: StepBatch, state: CaptureStep) -> list[torch.Tensor]:
+        """Cached reference rows for the captured positions, span by span (row-major, as captured)."""
+        selected = torch.zeros_like(batch.valid)
+        selected[state.pairs[:, 0], state.pairs[:, 1]] = True
+        ids, segments = batch.input_ids.cpu(), batch.segments.cpu()
         rows: list[torch.Tensor] = []
-        for r in range(ids.shape[0]):
-            pos = sel[r].nonzero().squeeze(-1)
-            if not len(pos):
-                continue
-            # split the row's prefix positions by sample (each prefix is contiguous at its sample's start)
-            sid = sample[r, pos]
-            for s in torch.unique_consecutive(sid):
-                p = pos[sid == s]
-                key = tuple(ids[r, p].tolist())
-                start = self._cache_offsets.get(key)
-                if start is None:
-                    raise RuntimeError(
-                        "treft.kv: a prefix not seen in the training dataset reached training; "
-                        "set `treft.kv.max_cached_prefixes: 0` to compute references every step"
-                    )
-                rows.append(torch.arange(start, start + len(p)))
-        index = torch.cat(rows).to(self._cache[0].device) if rows else torch.zeros(0, dtype=torch.long)
+        for row, start, end in token_runs(batch, selected).tolist():
+            code = int(segments[row, start])
+            key = (code, tuple(ids[row, start:end].tolist()))
+            begin = self._cache_offsets.get(key)
+            if begin is None:
+                raise RuntimeError(
+                    f"{self._key()}: a prefix not seen in the training dataset reached training; set "
+                    f"`{self._key('max_cached_prefixes')}: 0` to compute references every step"
+                    if code == SEG_PREFIX else f"{self._key()}: a postfix differing from the fixed reference was "
+                    "selected (internal error)")
+            rows.append(torch.arange(begin, begin + end - start))
+        index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
         return [c.index_select(0, index.to(c.device)) for c in self._cache]
 
-    def compute(self, batch: StepBatch, outputs, reference, model) -> torch.Tensor:
-        policy = self._captured
-        self._captured = None
-        if policy is None or any(p is None for p in policy):
+    def compute(self, batch: StepBatch, state: CaptureStep, outputs, reference, model) -> torch.Tensor:
+        policy = state.policy
+        if any(p is None for p in policy):
             raise RuntimeError("treft.kv: K/V projections were not captured during the forward pass")
         if policy[0].shape[0] == 0:
             return policy[0].sum() * 0.0
+        self._require_gradient(policy, model)
         if self._cache is not None:
-            ref_kv = [r.to(policy[0].device) for r in self._cached_reference(batch)]
+            ref_kv = [r.to(policy[0].device) for r in self._cached_reference(batch, state)]
         else:
-            ref_kv, self._ref_captured = self._ref_captured, None
-        if policy[0].requires_grad is False and torch.is_grad_enabled() and model.training and self.weight > 0:
-            raise RuntimeError(
-                "treft.kv: captured K/V carry no gradient; with gradient checkpointing set "
-                "`gradient_checkpointing_kwargs: {use_reentrant: false}`"
-            )
+            ref_kv = state.reference
         return kv_loss(policy, ref_kv)
 
-    def summary(self) -> str | None:
-        if not self.samples_skipped:
-            return None
-        return (
-            f"treft.kv: {self.samples_skipped} of {self.samples_seen} training samples had no "
-            f"{self.cfg.tokens!r} tokens and trained with the SFT loss only"
-        )
+    def weighted(self, term: torch.Tensor, step: int, max_steps: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """``max(weight · term − threshold, 0)`` inside ``active_steps``, None outside (or with weight 0)."""
+        active = self.cfg.is_active(step, max_steps)
+        penalty = None
+        if active and self.weight > 0:
+            penalty = self.weight * term
+            if self.cfg.threshold:
+                penalty = (penalty - self.cfg.threshold).clamp_min(0.0)
+        logged = {f"treft/{self.name}": float(term.detach())}
+        if self.cfg.threshold or self.cfg.active_steps is not None:
+            logged[f"treft/{self.name}_active"] = float(active)
+            logged[f"treft/{self.name}_penalty"] = 0.0 if penalty is None else float(penalty.detach())
+        return penalty, logged
 
+    def summary(self) -> str | None:
+        lines = []
+        if self.samples_skipped:
+            lines.append(f"{self._key()}: {self.samples_skipped} of {self.samples_seen} training samples had no "
+                         f"{self.cfg.tokens!r} tokens and trained with the SFT loss only")
+        if self.postfixes_mismatched:
+            lines.append(f"{self._key()}: {self.postfixes_mismatched} of {self.postfixes_seen} postfix spans differed "
+                         "from the fixed reference postfix and were not regularized")
+        return "\n".join(lines) or None
+
+
+def token_runs(batch: StepBatch, selected: torch.Tensor) -> torch.Tensor:
+    """[N, 3] (row, start, end): maximal runs of selected positions with one segment code in one sample,
+    in row-major order."""
+    seg, sample = batch.segments, batch.sample_index
+    joined = torch.zeros_like(selected)  # position t continues the run of t − 1
+    joined[:, 1:] = selected[:, 1:] & selected[:, :-1] & (seg[:, 1:] == seg[:, :-1]) & (sample[:, 1:] == sample[:, :-1])
+    continues = torch.zeros_like(selected)
+    continues[:, :-1] = joined[:, 1:]
+    starts, ends = (selected & ~joined).nonzero().cpu(), (selected & ~continues).nonzero().cpu()
+    return torch.stack([starts[:, 0], starts[:, 1], ends[:, 1] + 1], dim=1)
+
+
+def _first_run(segments, code: int) -> list[int]:
+    """Positions of the first contiguous run of ``code`` in ``segments``."""
+    positions: list[int] = []
+    for i, s in enumerate(segments):
+        if s == code:
+            positions.append(i)
+        elif positions:
+            break
+    return positions
 
 
 def _leading(seq, value: int) -> int:
