@@ -134,6 +134,8 @@ def plot(rows: Sequence[Mapping[str, Any]], head: tuple[str, str, bool], layerwi
                              squeeze=False)
     ax = axes[0][0]
     width = 0.8 / max(1, len(keys))
+    top = max([v for r in rows for k in keys if (v := _value(r, task, k)) is not None] + [1.0])
+    ax.set_ylim(0, 1.1 * top)
     for i, key in enumerate(keys):
         ys = [_value(r, task, key) for r in rows]
         xs = [j - 0.4 + width * (i + 0.5) for j in range(len(rows))]
