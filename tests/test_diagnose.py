@@ -190,6 +190,23 @@ def test_kv_of_every_prompt_position_gives_kv_lora_the_base_logits(family, tok, 
     assert torch.equal(patched, base)
 
 
+def test_full_finetune_takes_its_initial_model_from_the_base(tok):
+    base = tiny_llama(tok, layers=3)
+    tuned = tiny_llama(tok, layers=3)
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():  # a "finetune" that changed only the key/value projections
+        for module in projection_modules(tuned, "k_proj") + projection_modules(tuned, "v_proj"):
+            module.weight.add_(0.2 * torch.randn_like(module.weight))
+    enc = encode(tok)
+    states = InitialModel(base).prefill(enc["input_ids"], enc["attention_mask"], pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        want = generate(base, tok, enc["input_ids"], enc["attention_mask"]).logits[0]
+        with patch_kv(tuned, states, enc["attention_mask"].bool()):
+            got = generate(tuned, tok, enc["input_ids"], enc["attention_mask"]).logits[0]
+        plain = generate(tuned, tok, enc["input_ids"], enc["attention_mask"]).logits[0]
+    assert (plain - want).abs().max() > 1e-2 and torch.equal(got, want)
+
+
 def test_postfix_empty_takes_the_empty_query_prompts_kv(setup, tok):
     model, engine, batch = setup
     same = engine.kv_states(batch, "postfix")
@@ -431,6 +448,26 @@ def test_tiny_run_writes_json_table_and_plot(tiny_llama_dir, tiny_adapter, tmp_p
     rc, text = diagnose(capsys, "--base-model", str(tiny_llama_dir), "--adapter", str(tiny_adapter), "--task",
                         "offtopic_abstention", "--out", str(out))
     assert rc == 2 and "--force" in text  # a finished run is not overwritten silently
+
+
+def test_full_finetune_run_and_a_model_that_is_not_a_finetune(tiny_llama_dir, tok, tmp_path, capsys):
+    tuned_dir, other_dir = tmp_path / "tuned", tmp_path / "other"
+    tuned = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        for module in projection_modules(tuned, "v_proj"):
+            module.weight.mul_(1.5)
+    tuned.save_pretrained(tuned_dir)
+    tiny_llama(tok, hidden=32).save_pretrained(other_dir)
+    for d in (tuned_dir, other_dir):
+        tok.save_pretrained(d)
+    common = ["--base-model", str(tiny_llama_dir), "--task", "offtopic_refusal", "--limit", "2", "--max-gen-toks",
+              "2", "--patch", "prefix_postfix"]
+    rc, text = diagnose(capsys, *common, "--model", str(other_dir), "--out", str(tmp_path / "o1"))
+    assert rc == 2 and "not a finetune of --base-model" in text
+    rc, text = diagnose(capsys, *common, "--model", str(tuned_dir), "--out", str(tmp_path / "o2"))
+    assert rc == 0, text
+    data = json.loads((tmp_path / "o2" / "diagnose.json").read_text())
+    assert list(data["interventions"]) == ["unpatched", "kv:prefix_postfix"] and data["settings"]["model"]
 
 
 # --------------------------------------------------------------------------------------- real run (slow)

@@ -22,13 +22,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from ..capture import decoder_layers
 from ..judge import JudgeConfigError
+from ..resources import tasks_dir
 from ..spans import TemplateSpanError
+from ..study import versions
 from .cli_args import PATCH_DEFAULT
-from .loading import ModelMismatchError
-from .scoring import TaskError
+from .engine import REGIONS, Intervention, InterventionEngine, prompt_regions
+from .loading import ModelMismatchError, check_adapter_dir, load_models, tokenizer_dir
+from .report import format_table, headline, markdown, plot, recovery, summary, table
+from .scoring import (
+    DiagnoseLM,
+    TaskError,
+    best_of_trials,
+    check_task,
+    higher_is_better,
+    mean_of_trials,
+    run_task,
+    task_manager,
+    task_metrics,
+)
 
 REGION_LABELS = {"prefix": "prefix", "postfix": "postfix", "postfix_empty": "postfix (empty-query ref.)",
                  "prefix_postfix": "prefix+postfix", "query": "query (control)"}
@@ -54,8 +69,6 @@ class Plan:
 
 
 def parse_regions(text: str | None, flag: str) -> list[str]:
-    from .engine import REGIONS
-
     if not text or text == "none":
         return []
     regions = [r.strip() for r in text.split(",") if r.strip()]
@@ -116,10 +129,6 @@ def measure(lm, tasks: Sequence[str], manager, plan: Plan, limit: int | None = N
             max_gen_toks: int | None = None, samples_dir: Path | None = None,
             log: Callable[[str], None] = print) -> Measurement:
     """Run every intervention of ``plan`` through lm-eval (one ``simple_evaluate`` each)."""
-    from .engine import Intervention
-    from .report import headline, recovery
-    from .scoring import best_of_trials, higher_is_better, mean_of_trials, run_task, task_metrics
-
     greedy = {"max_gen_toks": max_gen_toks} if max_gen_toks else {}
     sampled = {**greedy, "do_sample": True, "temperature": plan.temperature}
     n_layers = len(decoder_layers(lm.engine.model))
@@ -205,8 +214,6 @@ def _validate(args: argparse.Namespace) -> tuple[Path, Plan, list[str]]:
 
 def _probe_regions(tokenizer, regions: Sequence[str]) -> None:
     """The chat template must expose every requested region (before any model is loaded)."""
-    from .engine import REGIONS, prompt_regions
-
     spans = prompt_regions(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     for region in regions:
         if not any(s in REGIONS[region] for s in spans.segments):
@@ -224,15 +231,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     out, plan, include = _validate(args)
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..resources import tasks_dir
-    from ..study import versions
-    from .engine import InterventionEngine
-    from .loading import check_adapter_dir, load_models, tokenizer_dir
-    from .report import format_table, markdown, plot, summary, table
-    from .scoring import DiagnoseLM, check_task, task_manager
-
     if args.adapter is not None:
         check_adapter_dir(args.adapter)
     finetuned = args.model or args.base_model
