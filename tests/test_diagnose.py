@@ -325,6 +325,8 @@ def test_lm_eval_requests_get_their_own_regions(tok):
                        gen_kwargs={"max_gen_toks": 4})
     samples = results["samples"]["offtopic_tooluse"]
     assert len(samples) == 4 and "off_topic_rate,detected" in results["results"]["offtopic_tooluse"]
+    run_task(lm, Intervention("kv", "query"), ["offtopic_tooluse"], manager, limit=4, gen_kwargs={"max_gen_toks": 4})
+    assert len(engine._states) == 1  # one batch: its initial K/V computed once, reused by both regions
     for s in samples:
         spans = lm.regions(s["arguments"][0][0])
         query = [t for t, g in zip(spans.input_ids, spans.segments, strict=True) if g == SEG_QUERY]
@@ -423,6 +425,17 @@ def test_bad_inputs_fail_before_generation(tiny_llama_dir, tiny_adapter, tok, tm
     assert rc == 2 and "layers 0..1" in text
     rc, text = diagnose(capsys, *base, "--adapter", str(tiny_adapter), "--patch", "middle", "--out", str(out))
     assert rc == 2 and "unknown region" in text
+    # a document whose query is empty: the query control cannot patch it
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "d.jsonl").write_text('{"q": "Hello there"}\n{"q": ""}\n')
+    (pack / "t.yaml").write_text(
+        "task: diag_gen\ndataset_path: json\ndataset_kwargs: {data_files: {test: " + str(pack / "d.jsonl") + "}}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: ''\n"
+        "generation_kwargs: {until: [], do_sample: false, max_gen_toks: 2}\nmetric_list: [{metric: exact_match}]\n")
+    rc, text = diagnose(capsys, "--base-model", str(tiny_llama_dir), "--adapter", str(tiny_adapter), "--task",
+                        "diag_gen", "--include-path", str(pack), "--patch", "query", "--out", str(out))
+    assert rc == 2 and "region 'query' selects no token of this prompt" in text
     assert "[1/" not in text and not (out / "samples").exists()  # nothing was generated
 
 

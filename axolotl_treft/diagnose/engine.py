@@ -12,7 +12,8 @@ Public API (stable names; the behaviour screen and ``axolotl-treft diagnose`` bu
     ``postfix_empty`` selects the postfix, but its reference K/V come from the prompt re-rendered with
     every user query empty (the paper's choice: nothing about the test query leaks into the reference).
 ``prompt_regions(tokenizer, messages, **template_kwargs)``
-    the segment of every token of a generation prompt (``ConversationSpans``).
+    the segment of every token of a generation prompt (``ConversationSpans``); ``check_regions(spans,
+    regions)`` and ``empty_query_regions(...)`` refuse prompts a region cannot be applied to.
 ``PromptBatch.build(tokenizer, messages_rows, input_ids, attention_mask, **template_kwargs)``
     a left-padded batch of prompts with each token's segment (``-1`` on padding); ``.mask(region)``.
 ``InitialModel.of_adapter(peft_model)`` / ``InitialModel(base_model)``
@@ -48,7 +49,14 @@ import torch
 from torch import nn
 
 from ..capture import decoder_layers, projection_modules
-from ..spans import SEG_PREFIX, TOKEN_MODES, ConversationSpans, TemplateSpanError, conversation_spans
+from ..spans import (
+    SEG_POSTFIX,
+    SEG_PREFIX,
+    TOKEN_MODES,
+    ConversationSpans,
+    TemplateSpanError,
+    conversation_spans,
+)
 
 REGIONS: dict[str, tuple[int, ...]] = {
     "prefix": TOKEN_MODES["prefix"],
@@ -75,6 +83,26 @@ def check_region(region: str) -> None:
 def prompt_regions(tokenizer, messages: Sequence[dict], **template_kwargs: Any) -> ConversationSpans:
     """Segment codes of a generation prompt (the conversation rendered with the generation prompt)."""
     return conversation_spans(tokenizer, messages, add_generation_prompt=True, **template_kwargs)
+
+
+def empty_query_regions(tokenizer, messages: Sequence[dict], spans: ConversationSpans,
+                        **template_kwargs: Any) -> ConversationSpans:
+    """The prompt re-rendered with every user query empty; its postfix must tokenize like ``spans``'."""
+    emptied = [dict(m, content="") if m.get("role") == "user" else dict(m) for m in messages]
+    empty = prompt_regions(tokenizer, emptied, **template_kwargs)
+    if empty.tokens(SEG_POSTFIX) != spans.tokens(SEG_POSTFIX):
+        raise RegionError("the postfix of the prompt rendered with an empty user query tokenizes differently from "
+                          f"the real prompt's ({empty.text!r}); use region 'postfix' instead of 'postfix_empty'")
+    return empty
+
+
+def check_regions(spans: ConversationSpans, regions: Sequence[str]) -> None:
+    """Every region must select at least one token of the prompt."""
+    for region in regions:
+        check_region(region)
+        if not any(s in REGIONS[region] for s in spans.segments):
+            raise RegionError(f"region {region!r} selects no token of this prompt under its chat template "
+                              f"({spans.text[:300]!r}); choose other regions")
 
 
 def _row_key(ids: Sequence[int]) -> str:
@@ -395,18 +423,14 @@ class InterventionEngine:
 
     def _empty_query_states(self, batch: PromptBatch) -> PrefillStates:
         """Initial K/V of each prompt re-rendered with empty user queries, moved onto the real postfix positions."""
-        postfix = torch.tensor(REGIONS["postfix"], dtype=torch.int8)
         rows = []
         for r, messages in enumerate(batch.messages):
-            emptied = [dict(m, content="") if m.get("role") == "user" else dict(m) for m in messages]
-            spans = prompt_regions(self.tokenizer, emptied, **self.template_kwargs)
-            ids = torch.tensor(spans.input_ids)
-            at = torch.isin(torch.tensor(spans.segments, dtype=torch.int8), postfix)
-            real_at = torch.isin(batch.segments[r], postfix)
-            if ids[at].tolist() != batch.input_ids[r].cpu()[real_at].tolist():
-                raise RegionError("the postfix of the prompt rendered with an empty user query tokenizes "
-                                  f"differently from the real prompt's ({spans.text!r}); use region 'postfix'")
-            rows.append((ids, at, real_at))
+            real = batch.attention_mask[r].bool().cpu()
+            ids = batch.input_ids[r].cpu()[real].tolist()
+            spans = ConversationSpans(ids, batch.segments[r][real].tolist(), "")
+            empty = empty_query_regions(self.tokenizer, messages, spans, **self.template_kwargs)
+            at = torch.tensor(empty.segments) == SEG_POSTFIX
+            rows.append((torch.tensor(empty.input_ids), at, batch.segments[r] == SEG_POSTFIX))
         width = max(len(ids) for ids, _, _ in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = batch.input_ids.device

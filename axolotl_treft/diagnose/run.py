@@ -30,7 +30,15 @@ from ..resources import tasks_dir
 from ..spans import TemplateSpanError
 from ..study import versions
 from .cli_args import PATCH_DEFAULT
-from .engine import REGIONS, Intervention, InterventionEngine, prompt_regions
+from .engine import (
+    EMPTY_REFERENCE_REGIONS,
+    REGIONS,
+    Intervention,
+    InterventionEngine,
+    check_regions,
+    empty_query_regions,
+    prompt_regions,
+)
 from .loading import ModelMismatchError, check_adapter_dir, load_models, tokenizer_dir
 from .report import format_table, headline, markdown, plot, recovery, summary, table
 from .scoring import (
@@ -135,6 +143,8 @@ def measure(lm, tasks: Sequence[str], manager, plan: Plan, limit: int | None = N
     single = [Intervention()] + [Intervention("kv", r, layers=plan.layers) for r in plan.patch]
     layerwise = [Intervention("residual", LAYERWISE_REGION, layers=(i,)) for i in range(n_layers)] \
         if plan.layerwise else []
+    lm.required_regions = list(dict.fromkeys([*plan.patch, *plan.perturb,
+                                              *([LAYERWISE_REGION] if plan.layerwise else [])]))
     total = len(single) + len(layerwise) + (plan.trials * (1 + len(plan.perturb)) if plan.perturb else 0)
     done = 0
     rows: list[dict[str, Any]] = []
@@ -214,11 +224,11 @@ def _validate(args: argparse.Namespace) -> tuple[Path, Plan, list[str]]:
 
 def _probe_regions(tokenizer, regions: Sequence[str]) -> None:
     """The chat template must expose every requested region (before any model is loaded)."""
-    spans = prompt_regions(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
-    for region in regions:
-        if not any(s in REGIONS[region] for s in spans.segments):
-            raise TemplateSpanError(f"region {region!r} selects no token under this chat template (rendered: "
-                                    f"{spans.text!r}); choose other regions")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    spans = prompt_regions(tokenizer, messages)
+    check_regions(spans, regions)
+    if EMPTY_REFERENCE_REGIONS & set(regions):
+        empty_query_regions(tokenizer, messages, spans)
 
 
 def main(args: argparse.Namespace) -> int:

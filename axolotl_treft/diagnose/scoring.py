@@ -15,7 +15,15 @@ from typing import Any
 from lm_eval.models.huggingface import HFLM
 
 from ..spans import ConversationSpans
-from .engine import Intervention, InterventionEngine, RegionError, prompt_regions
+from .engine import (
+    EMPTY_REFERENCE_REGIONS,
+    Intervention,
+    InterventionEngine,
+    RegionError,
+    check_regions,
+    empty_query_regions,
+    prompt_regions,
+)
 
 RESULT_INFO_KEYS = ("alias", "name", "sample_len", "sample_count")
 MEAN_AGGREGATIONS = ("mean", "nanmean")
@@ -68,6 +76,7 @@ class DiagnoseLM(HFLM):
         self._messages: dict[str, list[dict]] = {}  # chat-template rendering → the conversation it renders
         self._spans: dict[str, ConversationSpans] = {}
         self._encoded: list[str] | None = None
+        self.required_regions: list[str] = []  # checked on every request before generation
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         text = super().apply_chat_template(chat_history, add_generation_prompt)
@@ -85,6 +94,9 @@ class DiagnoseLM(HFLM):
             if spans.text != text:
                 raise RegionError(f"re-rendering a request's conversation gives other text than lm-eval's prompt "
                                   f"({spans.text[:200]!r} vs {text[:200]!r}); its template regions cannot be located")
+            check_regions(spans, self.required_regions)
+            if EMPTY_REFERENCE_REGIONS & set(self.required_regions):
+                empty_query_regions(self.tokenizer, messages, spans, **self.engine.template_kwargs)
             self._spans[text] = spans
         return self._spans[text]
 
