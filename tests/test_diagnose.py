@@ -455,6 +455,7 @@ def test_tiny_run_writes_json_table_and_plot(tiny_llama_dir, tiny_adapter, tmp_p
         assert 0.0 <= row["metrics"]["offtopic_abstention"]["off_topic_rate,detected"] <= 1.0
     assert data["headline"]["metric"] == "off_topic_rate,detected" and data["headline"]["lower_is_better"]
     assert data["settings"]["trials"] == 2 and data["versions"]["lm_eval"]
+    assert data["command"].startswith("axolotl-treft diagnose --base-model") and "--perturb prefix" in data["command"]
     assert "intervention" in text and "recovers" in text and data["summary"] in text
     assert (out / "diagnose.png").stat().st_size > 5_000 and "| intervention |" in (out / "diagnose.md").read_text()
     assert len((out / "samples" / "kv_prefix.jsonl").read_text().splitlines()) == 4

@@ -196,6 +196,18 @@ def _short(metrics: dict) -> str:
                      if v is not None and not k.startswith("judge_errors"))
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (every option that was set)."""
+    argv = ["axolotl-treft", "diagnose"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "force") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            argv += [flag] if v is True else [flag, str(v)]
+    return shlex.join(argv)
+
+
 def _validate(args: argparse.Namespace) -> tuple[Path, Plan, list[str]]:
     """Everything that can be checked without loading a model."""
     out = Path(args.out)
@@ -268,7 +280,7 @@ def _main(args: argparse.Namespace) -> int:
                 "tasks": tasks, "include_paths": [str(tasks_dir()), *include], "tokenizer": loaded.tokenizer_source,
                 **asdict(plan), "limit": args.limit, "batch_size": args.batch_size, "max_gen_toks": args.max_gen_toks,
                 "device": device, "dtype": args.dtype, "decoding": "greedy (perturbation trials: sampled)"}
-    payload = {"command": "axolotl-treft diagnose " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["diagnose"] else []),
+    payload = {"command": command_line(args),
                "date": dt.datetime.now().isoformat(timespec="seconds"), "settings": settings, "versions": versions(),
                "headline": {"task": head[0], "metric": head[1], "lower_is_better": head[2]}, "summary": line,
                "interventions": {r["name"]: r for r in rows}, "layerwise": {r["name"]: r for r in layer_rows},
