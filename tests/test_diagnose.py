@@ -238,7 +238,7 @@ def test_initial_states_are_computed_once_per_batch(setup):
 def test_residual_patch_sets_the_layer_input_at_the_prefix_in_prefill_only(setup, tok):
     model, engine, batch = setup
     layer = 1
-    hidden = engine._cached(batch, "residual").hidden[layer]
+    hidden = engine.residual_states(batch).hidden[layer]
     mask = batch.mask("prefix")
     seen: list[torch.Tensor] = []
     target = decoder_layers(model)[layer]

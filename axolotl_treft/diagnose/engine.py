@@ -33,7 +33,8 @@ Public API (stable names; the behaviour screen and ``axolotl-treft diagnose`` bu
 ``Intervention`` and ``InterventionEngine(model, tokenizer, initial)``
     ``engine.applied(intervention, batch)`` is a context manager that yields the input ids to generate
     from with the intervention active. The initial model's states are computed once per batch (keyed by
-    the batch's token ids) and reused by every region, layer list and run.
+    the batch's token ids), kept in CPU memory and reused by every region, layer list and run
+    (``engine.kv_states(batch, region)``, ``engine.residual_states(batch)``).
 """
 
 from __future__ import annotations
@@ -407,19 +408,24 @@ class InterventionEngine:
         self._states.clear()
 
     def _cached(self, batch: PromptBatch, what: str) -> PrefillStates:
+        """The initial model's states of a batch, kept in CPU memory (a whole task's worth can be large)."""
         key = (batch.key, what)
         if key not in self._states:
             if what == "empty":
-                self._states[key] = self._empty_query_states(batch)
+                states = self._empty_query_states(batch)
             else:
-                self._states[key] = self.initial.prefill(batch.input_ids, batch.attention_mask, kv=what == "kv",
-                                                         residual=what == "residual",
-                                                         pad_token_id=self.tokenizer.pad_token_id)
+                states = self.initial.prefill(batch.input_ids, batch.attention_mask, kv=what == "kv",
+                                              residual=what == "residual", pad_token_id=self.tokenizer.pad_token_id)
+            self._states[key] = states.to(torch.device("cpu"))
         return self._states[key]
 
     def kv_states(self, batch: PromptBatch, region: str) -> PrefillStates:
         """The reference K/V of a region: the same prompt's (``postfix_empty``: the empty-query prompt's)."""
         return self._cached(batch, "empty" if region in EMPTY_REFERENCE_REGIONS else "kv")
+
+    def residual_states(self, batch: PromptBatch) -> PrefillStates:
+        """The residual stream entering every decoder layer of the initial model, over the batch's prompts."""
+        return self._cached(batch, "residual")
 
     def _empty_query_states(self, batch: PromptBatch) -> PrefillStates:
         """Initial K/V of each prompt re-rendered with empty user queries, moved onto the real postfix positions."""
@@ -485,7 +491,7 @@ class InterventionEngine:
             elif intervention.kind == "residual":
                 mask = batch.mask(intervention.region)
                 layer = intervention.layers[0]
-                hidden = self._cached(batch, "residual").hidden[layer].to(ids.device)
+                hidden = self.residual_states(batch).hidden[layer].to(ids.device)
                 stack.enter_context(patch_residual(self.model, hidden, mask, layer))
             elif intervention.kind == "perturb":
                 ids = self.perturbed(batch, intervention)
