@@ -143,14 +143,15 @@ def plot(rows: Sequence[Mapping[str, Any]], head: tuple[str, str, bool], layerwi
         ax.bar_label(bars, labels=["" if y is None else f"{y:.2f}" for y in ys], fontsize=7)
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     if layerwise:
         ax = axes[0][1]
         xs = [r["layers"][0] for r in layerwise]
-        ax.plot(xs, [_value(r, task, head[1]) for r in layerwise], "o-", label=f"{head[1].split(',', 1)[0]}, "
-                "residual at prefix patched")
+        ys = [_value(r, task, head[1]) for r in layerwise]
+        ax.plot(xs, ys, "o-", label=f"{head[1].split(',', 1)[0]}, residual at prefix patched")
         base = _value(rows[0], task, head[1])
+        ax.set_ylim(0, 1.1 * max([y for y in [*ys, base] if y is not None] + [1.0]))
         if base is not None:
             ax.axhline(base, color="grey", linestyle="--", label="unpatched")
         ax.set_xlabel("decoder layer (residual stream entering it)")
