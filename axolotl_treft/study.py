@@ -44,6 +44,7 @@ class NarrowSetting:
 NARROW_SETTINGS = {
     "abstention": NarrowSetting("abstention_legal_train.jsonl", "offtopic_abstention", "legal", "abstention"),
     "refusal": NarrowSetting("refusal_finance_train.jsonl", "offtopic_refusal", "finance", "refusal"),
+    "tooluse": NarrowSetting("tooluse_health_train.jsonl", "offtopic_tooluse", "health", "tool call"),
 }
 
 
