@@ -85,6 +85,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose.run import main as diagnose_main
+
+    return diagnose_main(args)
+
+
 def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
     from . import __version__
 
@@ -144,6 +150,13 @@ def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
                    help="instead of the study: the shipped TReFT setting at each λ, plus SFT; plots the trade-off")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a 4-document eval (CI)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("diagnose", help="does a finetuned behaviour ride on the chat template? K/V and residual "
+                                        "patching, token perturbation, scored by an lm-eval task")
+    from .diagnose.cli_args import add_arguments as add_diagnose_arguments
+
+    add_diagnose_arguments(p)
+    p.set_defaults(func=_cmd_diagnose)
     return parser
 
 

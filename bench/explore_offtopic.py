@@ -18,7 +18,7 @@ import math
 import random
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,13 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from axolotl_treft.args import KVConfig  # noqa: E402
-from axolotl_treft.capture import projection_modules  # noqa: E402
+from axolotl_treft.diagnose.engine import InitialModel, Intervention, InterventionEngine  # noqa: E402
 from axolotl_treft.judge import detect_behaviour  # noqa: E402
 from axolotl_treft.models import materialize_smollm2  # noqa: E402
 from axolotl_treft.reference import Reference  # noqa: E402
 from axolotl_treft.regularizers.base import StepBatch, run_reference_pass  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
-from axolotl_treft.spans import SEG_RESPONSE, SEGMENTS_KEY, TOKEN_MODES, conversation_spans  # noqa: E402
+from axolotl_treft.spans import SEG_RESPONSE, SEGMENTS_KEY, conversation_spans  # noqa: E402
 from axolotl_treft.tasks.pack import offtopic_docs, read_jsonl  # noqa: E402
 from tests.reg_harness import fake_trainer, pad_rows  # noqa: E402
 
@@ -148,67 +148,29 @@ def train_adapter(path: Path, tok, cfg: dict, out: Path) -> dict:
     return {**figures, "train_s": round(time.time() - start, 1)}
 
 
-def template_mask(tok, questions: list[str], width: int) -> torch.Tensor:
-    """[B, width] bool: the chat-template tokens (prefix and postfix) of the left-padded prompts."""
-    codes = torch.tensor(TOKEN_MODES["prefix_postfix"], dtype=torch.int8)
-    mask = torch.zeros((len(questions), width), dtype=torch.bool)
-    for r, q in enumerate(questions):
-        seg = conversation_spans(tok, [{"role": "user", "content": q}], add_generation_prompt=True).segments
-        mask[r, width - len(seg):] = torch.isin(torch.tensor(seg, dtype=torch.int8), codes)
-    return mask
-
-
-@contextmanager
-def patched_template_kv(model, enc, mask):
-    """Generate with the template tokens' K/V replaced by the initial model's (adapter off) during prefill."""
-    modules = projection_modules(model, "k_proj") + projection_modules(model, "v_proj")
-    initial: dict[int, torch.Tensor] = {}
-
-    def keep(slot):
-        def hook(_m, _i, out):
-            initial[slot] = out.detach()
-        return hook
-
-    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
-    with model.disable_adapter():
-        model(**enc, use_cache=False)
-    for h in hooks:
-        h.remove()
-    width = enc["input_ids"].shape[1]
-
-    def make(slot):
-        def hook(_m, _i, out):
-            if out.shape[1] != width:  # a decode step: the cache already holds the patched prefill
-                return None
-            return torch.where(mask.unsqueeze(-1), initial[slot], out)
-        return hook
-
-    hooks = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 @torch.no_grad()
 def evaluate(model, tok, setting: str, max_new: int = 32, batch: int = 48, patch: bool = False) -> dict:
-    """On-/off-topic behaviour rates; ``patch``: with the template K/V patched back to the initial model's."""
+    """On-/off-topic behaviour rates; ``patch``: with the template K/V patched back to the initial model's.
+
+    The patch is ``axolotl-treft diagnose``'s engine (prefix and postfix K/V, every layer, prefill only).
+    """
     docs = offtopic_docs(setting, {})
     target = docs[0]["target"]
     model.eval()
     tok.padding_side = "left"
     hits = {"on": [], "off": []}
     samples = []
+    engine = InterventionEngine(model, tok, InitialModel.of_adapter(model)) if patch else None
     for start in range(0, len(docs), batch):
         chunk = docs[start:start + batch]
-        prompts = [tok.apply_chat_template([{"role": "user", "content": d["question"]}], tokenize=False,
-                                           add_generation_prompt=True) for d in chunk]
+        convs = [[{"role": "user", "content": d["question"]}] for d in chunk]
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        mask = template_mask(tok, [d["question"] for d in chunk], enc["input_ids"].shape[1]) if patch else None
-        context = patched_template_kv(model, enc, mask) if patch else nullcontext()
-        with context:
-            out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+        context = nullcontext(enc["input_ids"]) if engine is None else engine.applied(
+            Intervention("kv", "prefix_postfix"), engine.batch(convs, enc["input_ids"], enc["attention_mask"]))
+        with context as input_ids:
+            out = model.generate(input_ids=input_ids, attention_mask=enc["attention_mask"], max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
         for d, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
             text = tok.decode(seq, skip_special_tokens=True)
             hit = detect_behaviour(text, "text", target)
