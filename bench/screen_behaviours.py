@@ -39,6 +39,7 @@ SCREEN_TASKS = REPO / "bench" / "screen_tasks"
 REGIONS = ("prefix", "postfix", "prefix_postfix", "query")
 TEMPLATE_REGIONS = ("prefix", "postfix", "prefix_postfix")
 CARRIED_CUT = 0.5  # relative off-topic cut that counts as "carried"
+MIN_LEAK = 0.1  # below this off-topic rate (5 of 48 questions) there is no leak to attribute
 DIAGNOSE_BATCH = "96"  # every question of a task in one generation batch
 
 
@@ -69,14 +70,27 @@ BEHAVIOURS = {
 REGIMES = {"shipped": 3e-4, "partial": 1e-4}
 
 
+_lock_depth = 0
+
+
 @contextmanager
 def heavy_lock() -> Iterator[None]:
-    """The shared heavy-job lock (``flock /tmp/treft-heavy.lock``), held for one training or diagnosis."""
-    with LOCK.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """The shared heavy-job lock (``flock /tmp/treft-heavy.lock``); re-entrant within this process."""
+    global _lock_depth
+    if _lock_depth:
+        _lock_depth += 1
         try:
             yield
         finally:
+            _lock_depth -= 1
+        return
+    with LOCK.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _lock_depth = 1
+        try:
+            yield
+        finally:
+            _lock_depth = 0
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -170,7 +184,7 @@ def screen_row(behaviour: str, regime: str, diagnosis: dict, base: dict) -> dict
         row[f"off_{region}"] = patched
         row[f"cut_{region}"] = None if not off or patched is None else 1 - patched / off
     template_cut = max((row[f"cut_{r}"] for r in TEMPLATE_REGIONS if row[f"cut_{r}"] is not None), default=None)
-    row["carried"] = None if template_cut is None else bool(
+    row["carried"] = None if template_cut is None or off < MIN_LEAK else bool(
         template_cut >= CARRIED_CUT and (row["cut_query"] or 0.0) < CARRIED_CUT)
     return row
 
@@ -192,7 +206,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
         cells = [f"{r['behaviour']} ({r['domain']})", f"{r['regime']} ({r['lr']:g})",
                  f"{_rate(r['base_on'])} / {_rate(r['base_off'])}", f"{_rate(r['on'])} / {_rate(r['off'])}",
                  *(_rate(r[f"off_{g}"]) + _cut(r[f"cut_{g}"]) for g in REGIONS), _rate(r["on_prefix_postfix"]),
-                 {True: "**yes**", False: "no", None: "n/a (no leak)"}[r["carried"]]]
+                 {True: "**yes**", False: "no", None: "n/a (no leak to cut)"}[r["carried"]]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -231,12 +245,13 @@ def main() -> None:
     model = materialize_smollm2()
     tok = AutoTokenizer.from_pretrained(model)
     rows = {}
-    for r in regimes:  # each adapter is diagnosed as soon as it is trained
+    for r in regimes:  # each adapter is diagnosed as soon as it is trained, in one hold of the lock
         for b in behaviours:
-            train_run(out, run_name(b, r), run_cfg(b, REGIMES[r]), model, tok)
-            if not args.train_only:
-                diagnosis = diagnose_run(out, run_name(b, r), model, BEHAVIOURS[b])
-                rows[run_name(b, r)] = screen_row(b, r, diagnosis, base_run(out, model, BEHAVIOURS[b]))
+            with heavy_lock():
+                train_run(out, run_name(b, r), run_cfg(b, REGIMES[r]), model, tok)
+                if not args.train_only:
+                    diagnosis = diagnose_run(out, run_name(b, r), model, BEHAVIOURS[b])
+                    rows[run_name(b, r)] = screen_row(b, r, diagnosis, base_run(out, model, BEHAVIOURS[b]))
     if args.train_only:
         return
     (out / "screen.json").write_text(json.dumps(rows, indent=1))
