@@ -232,6 +232,8 @@ def main() -> None:
     parser.add_argument("--behaviours", default=",".join(BEHAVIOURS), help="comma-separated subset")
     parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated subset of shipped,partial")
     parser.add_argument("--train-only", action="store_true", help="train the adapters, diagnose nothing")
+    parser.add_argument("--table-only", action="store_true",
+                        help="only write the table of the runs already diagnosed (train and diagnose nothing)")
     parser.add_argument("--out", default="runs/screen")
     args = parser.parse_args()
     behaviours = parse_names(args.behaviours, BEHAVIOURS)
@@ -245,6 +247,14 @@ def main() -> None:
     model = materialize_smollm2()
     tok = AutoTokenizer.from_pretrained(model)
     rows = {}
+    if args.table_only:
+        regimes, behaviours = [], []
+        for r in parse_names(args.regimes, REGIMES):
+            for b in parse_names(args.behaviours, BEHAVIOURS):
+                done = out / run_name(b, r) / "diagnose" / "diagnose.json"
+                base = out / f"base-{BEHAVIOURS[b].task}" / "diagnose.json"
+                if done.exists() and base.exists():
+                    rows[run_name(b, r)] = screen_row(b, r, json.loads(done.read_text()), json.loads(base.read_text()))
     for r in regimes:  # each adapter is diagnosed as soon as it is trained, in one hold of the lock
         for b in behaviours:
             with heavy_lock():
