@@ -174,11 +174,13 @@ def rates(diagnosis: dict, name: str) -> tuple[float | None, float | None]:
     return metrics.get("on_topic_rate,detected"), metrics.get("off_topic_rate,detected")
 
 
-def screen_row(behaviour: str, regime: str, diagnosis: dict, base: dict) -> dict:
+def screen_row(behaviour: str, regime: str, diagnosis: dict, base: dict | None) -> dict:
     """One line of the screen: rates as trained, the off-topic rate per patched region, its relative cut."""
     on, off = rates(diagnosis, "unpatched")
     row = {"behaviour": behaviour, "regime": regime, "lr": REGIMES[regime], "domain": BEHAVIOURS[behaviour].domain,
-           "base_on": rates(base, "unpatched")[0], "base_off": rates(base, "unpatched")[1], "on": on, "off": off}
+           "base_on": None, "base_off": None, "on": on, "off": off}
+    if base is not None:  # the initial model's own rates
+        row["base_on"], row["base_off"] = rates(base, "unpatched")
     for region in REGIONS:
         row[f"on_{region}"], patched = rates(diagnosis, f"kv:{region}")
         row[f"off_{region}"] = patched
@@ -253,8 +255,9 @@ def main() -> None:
             for b in parse_names(args.behaviours, BEHAVIOURS):
                 done = out / run_name(b, r) / "diagnose" / "diagnose.json"
                 base = out / f"base-{BEHAVIOURS[b].task}" / "diagnose.json"
-                if done.exists() and base.exists():
-                    rows[run_name(b, r)] = screen_row(b, r, json.loads(done.read_text()), json.loads(base.read_text()))
+                if done.exists():
+                    rows[run_name(b, r)] = screen_row(b, r, json.loads(done.read_text()),
+                                                      json.loads(base.read_text()) if base.exists() else None)
     for r in regimes:  # each adapter is diagnosed as soon as it is trained, in one hold of the lock
         for b in behaviours:
             with heavy_lock():
