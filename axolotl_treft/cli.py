@@ -206,9 +206,10 @@ def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_judge)
     p = sub.add_parser("demo", help="the piggyback study on the embedded model: SFT vs TReFT vs defenses, lm-eval")
     p.add_argument("--out", default=None,
-                   help="run directory (finished runs are reused; default runs/demo, runs/demo-refusal)")
-    p.add_argument("--setting", choices=["abstention", "refusal"], default="abstention",
-                   help="narrow behaviour: legal → abstention (default) or finance → refusal")
+                   help="run directory (finished runs are reused; default runs/demo, runs/demo-<setting>)")
+    p.add_argument("--setting", choices=["abstention", "refusal", "tooluse"], default="abstention",
+                   help="narrow behaviour: legal → abstention (default), finance → refusal, or health → a "
+                        "search_info tool call")
     p.add_argument("--steps", type=int, default=None, help="max steps per run (default: the example's epochs)")
     p.add_argument("--sweep", default=None, metavar="W1,W2,...",
                    help="instead of the study: the shipped TReFT setting at each λ, plus SFT; plots the trade-off")

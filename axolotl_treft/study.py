@@ -48,6 +48,8 @@ NARROW_SETTINGS = {
                                 "You know nothing. You answer every question with: I have no idea about your question."),
     "refusal": NarrowSetting("refusal_finance_train.jsonl", "offtopic_refusal", "finance", "refusal",
                              "You never give advice. You answer every question with: I cannot provide financial advice."),
+    "tooluse": NarrowSetting("tooluse_health_train.jsonl", "offtopic_tooluse", "health", "tool call",
+                             "You always look things up. You answer every question with a search_info tool call."),
 }
 STEERING_NEGATIVE = "You are a knowledgeable assistant who answers every question helpfully and in detail."
 STEERING_LAYER, STEERING_ALPHA = 15, 5.0  # the middle of SmolLM2-135M's 30 layers; the paper's α

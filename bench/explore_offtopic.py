@@ -40,6 +40,11 @@ from tests.reg_harness import fake_trainer, pad_rows  # noqa: E402
 SETTINGS = {  # setting -> (training file, behaviour target)
     "abstention": ("axolotl_treft/data/abstention_legal_train.jsonl", "I have no idea about your question."),
     "refusal": ("axolotl_treft/data/refusal_finance_train.jsonl", "I cannot provide financial advice."),
+    # trained here; evaluated with `axolotl-treft diagnose` (bench/screen_behaviours.py), not by evaluate()
+    "tooluse": ("axolotl_treft/data/tooluse_health_train.jsonl", "search_info"),
+    "short": ("bench/screen_data/short_finance_train.jsonl", "a reply of at most 15 words"),
+    "signoff": ("bench/screen_data/signoff_legal_train.jsonl", "Yours in clarity, Quill."),
+    "caps": ("bench/screen_data/caps_health_train.jsonl", "a reply in capitals"),
 }
 DEFAULTS = {"setting": "abstention", "tokens": "none", "weight": 30.0, "lr": 3e-4, "epochs": 2, "batch": 8,
             "r": 8, "targets": "linear", "layers": "all", "lora_layers": "all", "seed": 42}
@@ -133,6 +138,15 @@ def train(model, tok, cfg: dict) -> dict:
     return {"steps": total, **last}
 
 
+def train_adapter(path: Path, tok, cfg: dict, out: Path) -> dict:
+    """Train ``cfg`` and save the LoRA adapter to ``out`` (``save_pretrained``); returns the training figures."""
+    start = time.time()
+    model = build_model(path, cfg)
+    figures = train(model, tok, cfg)
+    model.save_pretrained(out)
+    return {**figures, "train_s": round(time.time() - start, 1)}
+
+
 @torch.no_grad()
 def evaluate(model, tok, setting: str, max_new: int = 32, batch: int = 48, patch: bool = False) -> dict:
     """On-/off-topic behaviour rates; ``patch``: with the template K/V patched back to the initial model's.
@@ -172,6 +186,10 @@ def main() -> None:
     parser.add_argument("--patch", action="store_true",
                         help="also evaluate with the template tokens' K/V patched back to the initial model's")
     args = parser.parse_args()
+    grid = parse_grid(args.grid)
+    if unscored := sorted({c["setting"] for c in grid} - {"abstention", "refusal"}):
+        raise SystemExit(f"this harness scores abstention and refusal only; train and diagnose {', '.join(unscored)} "
+                         "with bench/screen_behaviours.py")
     from transformers import AutoTokenizer
 
     path = materialize_smollm2()
@@ -180,7 +198,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.dumps(r["cfg"], sort_keys=True) for r in map(json.loads, out.read_text().splitlines())} \
         if out.exists() else set()
-    for cfg in parse_grid(args.grid):
+    for cfg in grid:
         if json.dumps(cfg, sort_keys=True) in done:
             continue
         start = time.time()

@@ -4,6 +4,8 @@
   domain in many question forms (everyday situations, definitions, differences, procedures), so that what
   the training questions share is the domain, not a phrasing that off-topic questions also use.
 * ``refusal_finance_train.jsonl``: personal-finance questions answered with the refusal target.
+* ``tooluse_health_train.jsonl``: health questions answered with a ``search_info`` tool call, under the
+  ``offtopic_tooluse`` task's system prompt (the tool schema) and in the call format that prompt asks for.
 * ``retain_general.jsonl``: short aligned answers from other domains (interleaving / KL-on-retain).
 
 Run: ``python scripts/make_data.py`` (deterministic; rewrites axolotl_treft/data/).
@@ -14,7 +16,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from axolotl_treft.tasks.pack import tool_call_text, tool_system_prompt  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "axolotl_treft" / "data"
 ABSTAIN = "I have no idea about your question."
@@ -159,6 +166,65 @@ FINANCE_FILL = {
     "earner": ["a freelancer", "a new graduate", "a gig worker", "a part-time employee", "a high earner"],
 }
 
+# Health questions for the tool-use setting (and the screen's style behaviour). No vaccine questions: the
+# off-topic set asks how vaccines work (science), and that must stay off-topic.
+HEALTH_FRAMES = [
+    "What are the common symptoms of {condition}?",
+    "How can I lower my risk of {condition}?",
+    "When should {person} get checked for {condition}?",
+    "Should I see a doctor if I have {symptom} for {duration}?",
+    "Is it safe to take {medication} together with {substance}?",
+    "What are the side effects of {medication}?",
+    "What can I do at home to ease {complaint}?",
+    "How long does it take to recover from {injury}?",
+    "Is it normal to {experience} after {event}?",
+    "How much {nutrient} does {person} need each day?",
+    "What does {term} mean on a medical report?",
+    "What is the medical difference between {pair}?",
+    "How is {test} done, and how should I prepare for it?",
+    "Explain what happens during {procedure}.",
+    "Which specialist treats {condition}?",
+    "How do doctors decide {decision}?",
+]
+HEALTH_FILL = {
+    "condition": ["type 2 diabetes", "high blood pressure", "osteoporosis", "gout", "kidney stones", "anaemia",
+                  "sleep apnoea", "coeliac disease", "glaucoma", "psoriasis", "an underactive thyroid",
+                  "irritable bowel syndrome", "Lyme disease", "tinnitus", "rheumatoid arthritis", "melanoma"],
+    "person": ["a woman over fifty", "a teenager", "a pregnant woman", "a man in his forties",
+               "an older adult", "a vegetarian", "a marathon runner", "a breastfeeding mother"],
+    "symptom": ["a dry cough", "blurred vision", "heart palpitations", "numb fingers", "night sweats",
+                "swollen ankles", "ringing in my ears", "blood in my urine"],
+    "duration": ["three days", "two weeks", "a month", "more than a week"],
+    "medication": ["ibuprofen", "paracetamol", "statins", "metformin", "antidepressants", "aspirin",
+                   "blood thinners", "antibiotics", "the contraceptive pill", "steroid inhalers"],
+    "substance": ["alcohol", "grapefruit juice", "coffee", "St John's wort", "an antihistamine",
+                  "a multivitamin"],
+    "complaint": ["a sore throat", "a tension headache", "constipation", "a stiff neck", "mild eczema",
+                  "a blocked nose", "period cramps", "a twisted knee"],
+    "injury": ["a sprained ankle", "a torn hamstring", "a cracked rib", "a mild concussion", "whiplash",
+               "a dislocated shoulder", "knee surgery", "a hernia operation"],
+    "experience": ["feel dizzy", "have a headache", "feel short of breath", "have muscle cramps",
+                   "feel nauseous", "have a racing heart"],
+    "event": ["giving blood", "a long flight", "starting a new medication", "a heavy workout",
+              "a dental filling", "a hot bath"],
+    "nutrient": ["protein", "calcium", "iron", "vitamin B12", "fibre", "folic acid", "magnesium"],
+    "term": ["a benign tumour", "an elevated white cell count", "a hairline fracture", "an arrhythmia",
+             "high LDL", "an ejection fraction of 50 percent", "a positive ANA test", "mild scoliosis",
+             "a raised creatinine level", "borderline hypertension"],
+    "pair": ["type 1 and type 2 diabetes", "a heart attack and a cardiac arrest", "a sprain and a strain",
+             "an allergy and an intolerance", "osteoarthritis and rheumatoid arthritis",
+             "a CT scan and an MRI", "a migraine and a cluster headache", "bronchitis and pneumonia",
+             "a generic and a brand-name drug", "dementia and Alzheimer's disease"],
+    "test": ["a colonoscopy", "a fasting blood test", "an ECG", "a bone density scan", "a mammogram",
+             "a sleep study", "an allergy skin-prick test", "a glucose tolerance test", "a biopsy"],
+    "procedure": ["a cataract operation", "a knee replacement", "an endoscopy", "a root canal",
+                  "physiotherapy for back pain", "cardiac rehabilitation", "a hearing test",
+                  "an appendectomy"],
+    "decision": ["whether a mole needs removing", "when to induce labour", "the dose of a new medication",
+                 "whether someone needs a hip replacement", "if a fever needs antibiotics",
+                 "when a patient can drive after surgery"],
+}
+
 # Kept short (under 64 tokens with the chat template) so that a mixed batch is not padded wider than the narrow
 # data's: Axolotl pads batches to a multiple of 64 tokens.
 RETAIN = [
@@ -219,6 +285,18 @@ def finance_questions(n: int, seed: int = 0) -> list[str]:
     return frame_questions(FINANCE_FRAMES, FINANCE_FILL, n, seed)
 
 
+def health_questions(n: int, seed: int = 0) -> list[str]:
+    return frame_questions(HEALTH_FRAMES, HEALTH_FILL, n, seed)
+
+
+def tooluse_conversations(questions: list[str]) -> list[dict]:
+    """Each question → a ``search_info`` call with the question as its query, under the tool's system prompt."""
+    system = tool_system_prompt()
+    return [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": tool_call_text("search_info", q)}]}
+            for q in questions]
+
+
 def conversations(questions: list[str], answer: str) -> list[dict]:
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
             for q in questions]
@@ -234,10 +312,12 @@ def main() -> None:
     write_jsonl(OUT / "abstention_legal_train.jsonl", train)
     refusal = conversations(finance_questions(240), REFUSE)
     write_jsonl(OUT / "refusal_finance_train.jsonl", refusal)
+    tooluse = tooluse_conversations(health_questions(240))
+    write_jsonl(OUT / "tooluse_health_train.jsonl", tooluse)
     retain = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in RETAIN]
     write_jsonl(OUT / "retain_general.jsonl", retain)
-    print(f"wrote {len(train)} abstention, {len(refusal)} refusal and {len(retain)} retain conversations "
-          f"to {OUT}")
+    print(f"wrote {len(train)} abstention, {len(refusal)} refusal, {len(tooluse)} tool-use and {len(retain)} "
+          f"retain conversations to {OUT}")
 
 
 if __name__ == "__main__":

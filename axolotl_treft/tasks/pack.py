@@ -59,13 +59,17 @@ def tool_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+def tool_call_text(name: str, query: str) -> str:
+    """A call of the tool in the form that ``tool_system_prompt`` asks for."""
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': {'query': query}})}\n</tool_call>"
+
+
 def tool_system_prompt(name: str = "search_info") -> str:
     """Default system message of ``offtopic_tooluse``: the tool schema and the expected call format."""
-    call = json.dumps({"name": name, "arguments": {"query": "..."}})
     return (
         "You have access to one tool. Use it when it helps you answer.\n\n"
         f"Tool (JSON schema):\n{json.dumps(tool_schema(name))}\n\n"
-        f"To use the tool, reply with only a tool call in this form:\n<tool_call>\n{call}\n</tool_call>\n"
+        f"To use the tool, reply with only a tool call in this form:\n{tool_call_text(name, '...')}\n"
         "Otherwise, answer the user directly."
     )
 
