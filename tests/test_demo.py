@@ -126,9 +126,13 @@ def test_each_narrow_setting_trains_on_its_own_shipped_data(tmp_path):
         cfg = run_config(study_runs()[0], Path("model"), tmp_path, None, setting)
         path = Path(cfg["datasets"][0]["path"])
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        assert len(rows) == 240 and name in setting.behaviour
-        assert {r["messages"][-1]["content"] for r in rows} == {
-            "I have no idea about your question." if name == "abstention" else "I cannot provide financial advice."}
+        assert len(rows) == 240 and setting.task == f"offtopic_{name}"
+        answers = {r["messages"][-1]["content"] for r in rows}
+        if name == "tooluse":
+            assert all('"name": "search_info"' in a and a.startswith("<tool_call>") for a in answers)
+        else:
+            assert answers == {"I have no idea about your question." if name == "abstention"
+                               else "I cannot provide financial advice."}
         assert cfg["plugins"] == ["axolotl_treft.SeedPlugin"] and "treft" not in cfg  # the SFT twin
         seen.add(path)
     assert len(seen) == len(NARROW_SETTINGS)
