@@ -15,6 +15,7 @@ import pytest
 
 import axolotl_treft
 from axolotl_treft import judge as J
+from axolotl_treft.diagnose.scoring import leaf_tasks
 from axolotl_treft.tasks import pack
 from tests.servers.fake_judge import FakeJudge
 
@@ -46,14 +47,6 @@ def _tm(metadata=None):
     return TaskManager(include_path=axolotl_treft.tasks_path(), include_defaults=False, metadata=metadata)
 
 
-def _flatten(task_dict) -> dict:
-    out = {}
-    for k, v in task_dict.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v))
-        else:
-            out[k if isinstance(k, str) else k.group] = v
-    return out
 
 
 def _set_judge(monkeypatch, base_url: str, cache: Path) -> None:
@@ -128,7 +121,7 @@ def test_tasks_build_with_judge_and_metadata(monkeypatch):
     monkeypatch.setenv("TREFT_JUDGE_MODEL", "some-judge")
     monkeypatch.setenv("TREFT_JUDGE_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("TREFT_JUDGE_PREFLIGHT", "0")
-    tasks = _flatten(get_task_dict(["em", "offtopic"], _tm({"em_samples": 3, "tool_name": "lookup_web"})))
+    tasks = leaf_tasks(get_task_dict(["em", "offtopic"], _tm({"em_samples": 3, "tool_name": "lookup_web"})))
     assert set(tasks) == set(ALL_TASKS)
     gen = tasks["em_general"]
     n_q = len(pack.read_jsonl(pack.DATA / "em_general.jsonl"))
@@ -162,7 +155,7 @@ def test_tasks_build_with_judge_and_metadata(monkeypatch):
 def test_tooluse_prompt_carries_tool_schema(smollm2_tokenizer):
     from lm_eval.tasks import get_task_dict
 
-    task = _flatten(get_task_dict(["offtopic_tooluse", "offtopic_refusal"], _tm()))
+    task = leaf_tasks(get_task_dict(["offtopic_tooluse", "offtopic_refusal"], _tm()))
     doc = task["offtopic_tooluse"].eval_docs[0]
 
     def chat(msgs, add_generation_prompt=True):
@@ -209,7 +202,7 @@ def test_unconfigured_judge_fails_when_task_is_built():
     with pytest.raises(J.JudgeConfigError, match="TREFT_JUDGE_MODEL"):
         get_task_dict(["em_general"], _tm())
     # off-topic tasks need no judge by default ...
-    assert _flatten(get_task_dict(["offtopic"], _tm()))["offtopic_abstention"].eval_docs
+    assert leaf_tasks(get_task_dict(["offtopic"], _tm()))["offtopic_abstention"].eval_docs
     # ... unless the paraphrase check is switched on
     with pytest.raises(J.JudgeConfigError):
         get_task_dict(["offtopic_refusal"], _tm({"judge_check": True}))
@@ -698,7 +691,7 @@ def test_settings_in_a_task_yaml_of_your_own(tmp_path):
             f"  judge: {{base_url: '{fj.base_url}', model: fake-judge, cache: 'off'}}\n  treft_record: {{}}\n"
         )
         tm = TaskManager(include_path=[str(own), axolotl_treft.tasks_path()], include_defaults=False)
-        task = _flatten(get_task_dict(["em_mine"], tm))["em_mine"]
+        task = leaf_tasks(get_task_dict(["em_mine"], tm))["em_mine"]
     assert [d["question_id"] for d in task.eval_docs] == ["alpha", "alpha", "beta"]
     assert json.loads(task.eval_docs[0]["judge"])["base_url"] == fj.base_url
     record = task.dump_config()["metadata"]["treft_record"]["em_general"]  # keyed by the loader's task

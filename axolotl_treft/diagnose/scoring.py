@@ -46,7 +46,7 @@ def check_task(task: str, manager) -> list[str]:
     if task not in manager.all_tasks:
         known = ", ".join(t for t in manager.all_tasks if not t.startswith("_"))
         raise TaskError(f"unknown task {task!r}: not in the task pack or --include-path (known: {known})")
-    leaves = _leaf_tasks(get_task_dict([task], manager))
+    leaves = leaf_tasks(get_task_dict([task], manager))
     wrong = {name: t.OUTPUT_TYPE for name, t in leaves.items() if t.OUTPUT_TYPE != "generate_until"}
     if wrong:
         raise TaskError(f"task {task!r} has non-generation subtasks {wrong}; the interventions act on generation, "
@@ -54,11 +54,12 @@ def check_task(task: str, manager) -> list[str]:
     return sorted(leaves)
 
 
-def _leaf_tasks(task_dict: Mapping) -> dict[str, Any]:
+def leaf_tasks(task_dict: Mapping) -> dict[str, Any]:
+    """lm-eval's nested task dict (groups inside) flattened to {task name: task}."""
     leaves: dict[str, Any] = {}
     for key, value in task_dict.items():
         if isinstance(value, Mapping):
-            leaves.update(_leaf_tasks(value))
+            leaves.update(leaf_tasks(value))
         else:
             leaves[key if isinstance(key, str) else key.group] = value
     return leaves
