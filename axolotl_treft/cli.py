@@ -106,12 +106,15 @@ def _cmd_select_retain(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .study.demo import main as demo_main
 
-    if error := out_dir_error(args.out):
-        print(f"axolotl-treft demo: error: {error}", file=sys.stderr)
-        return 2
     return demo_main(args)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study.command import main as study_main
+
+    return study_main(args)
 
 
 def _share(text: str) -> float:
@@ -204,19 +207,19 @@ def build_parser(prog: str = "axolotl-treft") -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["auto", "logprob", "sampled"], default=None, help="scoring (default auto)")
     p.add_argument("--concurrency", type=int, default=None, help="concurrent judge requests (default 8)")
     p.set_defaults(func=_cmd_judge)
-    p = sub.add_parser("demo", help="the piggyback study on the embedded model: SFT vs TReFT vs defenses, lm-eval")
-    p.add_argument("--out", default=None,
-                   help="run directory (finished runs are reused; default runs/demo, runs/demo-<setting>)")
+    from .study.command import add_arguments as add_study_arguments
+    from .study.command import add_common as add_study_common
+
+    p = sub.add_parser("study", help="SFT vs TReFT vs defenses on your own Axolotl config: derived configs, "
+                                     "training through your launcher, lm-eval, table and plots")
+    add_study_arguments(p)
+    p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("demo", help="the study on the embedded model and shipped data (SmolLM2-135M, CPU)")
     p.add_argument("--setting", choices=["abstention", "refusal", "tooluse"], default="abstention",
                    help="narrow behaviour: legal → abstention (default), finance → refusal, or health → a "
                         "search_info tool call")
-    p.add_argument("--steps", type=int, default=None, help="max steps per run (default: the example's epochs)")
-    p.add_argument("--sweep", default=None, metavar="W1,W2,...",
-                   help="instead of the study: the shipped TReFT setting at each λ, plus SFT; plots the trade-off")
-    p.add_argument("--runs", default=None, metavar="NAME,...",
-                   help="study runs to train (SFT always runs; `all` for every run). Default (about 30 min): "
-                        "sft,treft_prefix_postfix,interleave,kl,inoculation,steering; also available: "
-                        "treft_prefix, treft_postfix, interleave_plus")
+    add_study_common(p)
     p.add_argument("--quick", action="store_true", help="a few steps per run and a 4-document eval (CI)")
     p.set_defaults(func=_cmd_demo)
 

@@ -127,22 +127,40 @@ def _fmt(v: Any, kind: str) -> str:
         return "-"
     if kind == "rate":
         return f"{100 * v:.1f}%"
+    if kind == "change":
+        return f"{100 * v:+.1f}%"
     if kind == "count":
         return str(int(v))
+    if kind == "seconds":
+        return f"{v:.0f}"
     return f"{v:.1f}"
 
 
-def format_table(names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+def table_lines(names: Sequence[str], rows: Sequence[Mapping[str, Any]],
+                columns: Sequence[tuple[str, str, str]] = COLUMNS) -> list[list[str]]:
+    """Header and one line per run: every column some row has a value for."""
+    cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
     header = ["run", *[h for _, h, _ in cols]]
-    body = [[n, *[_fmt(r.get(k), kind) for k, _, kind in cols]] for n, r in zip(names, rows, strict=True)]
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-    lines = [
+    return [header, *([n, *[_fmt(r.get(k), kind) for k, _, kind in cols]] for n, r in zip(names, rows, strict=True))]
+
+
+def format_table(names: Sequence[str], rows: Sequence[Mapping[str, Any]],
+                 columns: Sequence[tuple[str, str, str]] = COLUMNS) -> str:
+    lines = table_lines(names, rows, columns)
+    widths = [max(len(x) for x in col) for col in zip(*lines, strict=True)]
+    text = [
         "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths, strict=True)))
-        for line in [header, *body]
+        for line in lines
     ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def markdown_table(names: Sequence[str], rows: Sequence[Mapping[str, Any]],
+                   columns: Sequence[tuple[str, str, str]] = COLUMNS) -> str:
+    lines = table_lines(names, rows, columns)
+    md = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    return "\n".join(md + ["| " + " | ".join(line) + " |" for line in lines[1:]])
 
 
 def plot(names: Sequence[str], rows: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
@@ -224,3 +242,16 @@ def main(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"json: {args.json}")
     return 0
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on (recorded with every study and diagnosis)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in ("axolotl-treft", "axolotl", "transformers", "peft", "torch", "lm_eval"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            found[dist] = "not installed"
+    return found

@@ -34,9 +34,11 @@ def data_dir() -> Path:
 
 
 def list_examples() -> list[str]:
-    """Example names: the shipped YAML files without their suffix (``deepspeed/zero2`` for DeepSpeed JSONs)."""
+    """Example names: the shipped YAML files without their suffix (``deepspeed/zero2`` for DeepSpeed JSONs,
+    ``studies/qwen3-8b-legal`` for the study run files)."""
     root = examples_dir()
     names = [p.stem for p in root.glob(f"*{EXAMPLE_SUFFIX}")]
+    names += [f"studies/{p.stem}" for p in (root / "studies").glob(f"*{EXAMPLE_SUFFIX}")]
     names += [f"deepspeed/{p.stem}" for p in (root / "deepspeed").glob("*.json")]
     return sorted(names)
 

@@ -44,6 +44,8 @@ PAPER = {
     "qwen3-8b-legal-treft": ("Qwen/Qwen3-8B", 1e-5, 1, 32, {"kv": (1.0, "postfix")}),
     "qwen3-8b-legal-interleave": ("Qwen/Qwen3-8B", 1e-5, 1, 32, {"retain": 0.2}),
     "qwen3-8b-legal-kl": ("Qwen/Qwen3-8B", 1e-5, 1, 32, {"kl": 50 / 151936}),
+    # the off-topic abstention setting (paper App. E, Table 5): 2 epochs, λ 30
+    "llama31-8b-abstention-treft": ("meta-llama/Llama-3.1-8B-Instruct", 1e-5, 2, 8, {"kv": (30.0, "prefix")}),
 }
 MODEL_TYPES = {"meta-llama/Llama-3.1-8B-Instruct": "llama", "Qwen/Qwen2.5-7B-Instruct": "qwen2", "Qwen/Qwen3-8B": "qwen3"}
 EVAL_CMD = ('lm_eval --model hf --model_args pretrained={base},peft={out}', '--apply_chat_template',
@@ -163,8 +165,9 @@ def test_real_model_yaml_has_paper_hyperparameters(validated, name):
         assert (block["kl"]["on"], block["kl"]["tokens"]) == ("train", "all")
     text = (EXAMPLES / f"{name}.yml").read_text()
     out = f"./runs/{name}"
+    tasks = "em,offtopic" if "-legal-" in name else "offtopic_abstention"
     for part in EVAL_CMD:
-        assert part.format(base=base, out=out) in text, part
+        assert part.replace("em,offtopic", tasks).format(base=base, out=out) in text, part
 
 
 @pytest.mark.parametrize("path", DS_JSONS, ids=[p.stem for p in DS_JSONS])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONSOLE_SCRIPTS = ("axolotl", "lm_eval")
+CONSOLE_SCRIPTS = ("axolotl", "lm_eval", "torchrun", "accelerate")
 
 
 @dataclass(frozen=True)

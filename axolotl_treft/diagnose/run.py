@@ -26,9 +26,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..capture import decoder_layers
 from ..judge import JudgeConfigError
+from ..report import versions
 from ..resources import tasks_dir
 from ..spans import TemplateSpanError
-from ..study import versions
 from .cli_args import PATCH_DEFAULT
 from .engine import (
     EMPTY_REFERENCE_REGIONS,

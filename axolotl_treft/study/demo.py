@@ -1,0 +1,98 @@
+"""``axolotl-treft demo``: the study on the embedded model (the README's main job).
+
+It is ``axolotl-treft study`` on the shipped example config (SmolLM2-135M-Instruct, LoRA) and the shipped
+training data of one narrow setting (legal questions → abstention by default), evaluated on that setting's
+off-topic task with greedy decoding: the same runs, table, JSON, Markdown and plots, plus the template check
+of the SFT run (``axolotl-treft diagnose``) under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..resources import data_path, example_path, resolved_example
+from ..runner import OFFLINE_ENV
+from .command import run_study
+from .execute import Settings
+from .runs import StudyError, Trait, catalogue, parse_sweep, select
+
+EXAMPLE = "smollm2-135m-abstention-treft"
+EVAL_MAX_GEN_TOKS = 32  # the target answers are about 10 tokens and start the reply; enough to detect them
+EVAL_BATCH_SIZE = "64"
+STEERING_LAYER = 15  # the middle of SmolLM2-135M's 30 layers
+QUICK_STEPS = 3  # per training run
+QUICK_LIMIT = 4  # documents per eval (on/off-topic interleaved, so 2 + 2)
+# `axolotl-treft demo` without --runs: about 30 minutes on 2 CPU cores
+DEFAULT_RUNS = ("sft", "treft_prefix_postfix", "treft_postfix_fixed", "interleave", "kl", "steering")
+
+
+@dataclass(frozen=True)
+class NarrowSetting:
+    """A narrow behaviour to train: the shipped training file and the task-pack task that measures its leak."""
+
+    train_file: str
+    task: str
+    domain: str
+    behaviour: str
+    trait_prompt: str  # a system prompt that elicits the behaviour: the inoculation and the steering's positive
+
+
+NARROW_SETTINGS = {
+    "abstention": NarrowSetting("abstention_legal_train.jsonl", "offtopic_abstention", "legal", "abstention",
+                                "You know nothing. You answer every question with: I have no idea about your question."),
+    "refusal": NarrowSetting("refusal_finance_train.jsonl", "offtopic_refusal", "finance", "refusal",
+                             "You never give advice. You answer every question with: I cannot provide financial advice."),
+    "tooluse": NarrowSetting("tooluse_health_train.jsonl", "offtopic_tooluse", "health", "tool call",
+                             "You always look things up. You answer every question with a search_info tool call."),
+}
+
+
+def example_config(model: str | Path, setting: NarrowSetting) -> dict:
+    """The shipped example with the embedded model and the setting's shipped training file."""
+    cfg = yaml.safe_load(resolved_example(example_path(EXAMPLE)))
+    cfg["base_model"] = str(model)
+    cfg["datasets"] = [{**cfg["datasets"][0], "path": str(data_path(setting.train_file))}]
+    return cfg
+
+
+def demo_trait(setting: NarrowSetting) -> Trait:
+    return Trait(setting.trait_prompt, STEERING_LAYER)
+
+
+def sweep_arg(text: str, cfg: dict) -> str:
+    """``--sweep 3,300`` (numbers only) sweeps λ of the shipped TReFT setting; anything else is RUN.PARAM=…"""
+    if "=" in text:
+        return text
+    return f"treft_{cfg['treft']['kv']['tokens']}.weight={text}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..models import materialize_smollm2
+
+    setting = NARROW_SETTINGS[args.setting]
+    out = Path(args.out or ("runs/demo" if args.setting == "abstention" else f"runs/demo-{args.setting}"))
+    try:
+        if out.exists() and not out.is_dir():
+            raise StudyError(f"--out {out} is a file; it must be a directory (new or existing)")
+        model = materialize_smollm2()
+        cfg = example_config(model, setting)
+        runs = catalogue(cfg, demo_trait(setting))
+        sweeps = [parse_sweep(sweep_arg(s, cfg)) for s in args.sweep or []]
+        chosen, notes = select(runs, args.runs.split(",") if args.runs else (["sft"] if sweeps else None), sweeps,
+                               DEFAULT_RUNS)
+        settings = Settings(tasks=(setting.task,), launcher="python", max_steps=QUICK_STEPS if args.quick else args.max_steps,
+                            limit=QUICK_LIMIT if args.quick else args.limit, max_gen_toks=EVAL_MAX_GEN_TOKS,
+                            eval_batch_size=EVAL_BATCH_SIZE, device="cpu", env=OFFLINE_ENV, cwd=Path.cwd())
+        command = shlex.join(["axolotl-treft", "demo", *(sys.argv[2:] if sys.argv[1:2] == ["demo"] else [])])
+        return run_study(cfg, chosen, out, settings, command=command, diagnose=not args.dry_run, dry=args.dry_run,
+                         notes=notes, title=f"Narrow finetuning of SmolLM2-135M-Instruct: does the {setting.behaviour} "
+                                            "leak off-topic?")
+    except StudyError as err:
+        print(f"axolotl-treft demo: error: {err}", file=sys.stderr)
+        return 2

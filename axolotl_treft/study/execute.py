@@ -1,0 +1,346 @@
+"""Plan, train and evaluate the runs of a study.
+
+Each run lives in ``OUT/<run>/``: ``config.yml`` (the derived config), ``model/`` (Axolotl's output_dir),
+``prepared/`` (its tokenized data), ``train.log``, ``lm_eval/`` and the figures of each finished step
+(``train.json``, ``eval.json``). A finished step with the same settings is reused; a run directory made
+with other settings is refused before anything trains. Per-run paths and ``--max-steps`` are passed to
+``axolotl train`` as command-line overrides, so the config files differ from the user's only in the plugin
+list and the ``treft:`` block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..report import find_results, load_results, summarize
+from ..resources import tasks_dir
+from ..runner import parse_metrics, run_streaming
+from .runs import StudyError, StudyRun, derive_config
+
+LAUNCHERS = ("python", "torchrun", "accelerate")
+PEAK_MEMORY_KEY = "memory/max_allocated (GiB)"  # logged by Axolotl's trainer on GPU
+BASE_ROW = "base"
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every run of one study shares."""
+
+    tasks: tuple[str, ...]
+    launcher: str = "python"
+    launcher_args: tuple[str, ...] = ()
+    max_steps: int | None = None
+    limit: int | None = None
+    max_gen_toks: int | None = None
+    eval_batch_size: str = "auto"
+    device: str | None = None  # lm_eval --device; None: lm-eval's choice (cuda when there is one)
+    env: Mapping[str, str] = field(default_factory=dict)  # added to the environment of every subprocess
+    cwd: Path = field(default_factory=Path.cwd)  # relative paths of the config resolve here, as with `axolotl train`
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run: StudyRun
+    dir: Path
+    config: dict
+    overrides: dict[str, Any]
+    train_cmd: list[str]
+    eval_cmd: list[str]
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.overrides["output_dir"])
+
+
+def executable(name: str) -> str:
+    """``name`` next to this interpreter (the venv's), else as found on PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def pack_tasks() -> list[str]:
+    """Task and group names of the shipped lm-eval task pack (read from its YAML files, without lm-eval)."""
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    names = []
+    for path in sorted(tasks_dir().glob("*.yaml")):
+        doc = yaml.load(path.read_text(), Loader=_Loader) or {}
+        names += [doc[k] for k in ("task", "group") if isinstance(doc.get(k), str)]
+    return sorted(set(names))
+
+
+def check_tasks(tasks: Sequence[str]) -> None:
+    known = pack_tasks()
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise StudyError(f"--tasks: {', '.join(unknown) or 'none given'} not in the task pack; "
+                         f"known: {', '.join(known)}")
+
+
+def is_adapter(cfg: Mapping) -> bool:
+    return cfg.get("adapter") in ("lora", "qlora")
+
+
+def model_args(cfg: Mapping, model: str, adapter: str | None, tokenizer: str | None) -> str:
+    """lm-eval ``--model_args`` for a trained run (``adapter`` on the base model, or a full model directory)."""
+    args = [f"pretrained={model}"]
+    if adapter:
+        args.append(f"peft={adapter}")
+    if tokenizer:
+        args.append(f"tokenizer={tokenizer}")
+    args.append("dtype=" + ("bfloat16" if cfg.get("bf16") in (True, "auto") else
+                            "float16" if cfg.get("fp16") else "float32"))
+    if cfg.get("trust_remote_code"):
+        args.append("trust_remote_code=True")
+    thinking = (cfg.get("chat_template_kwargs") or {}).get("enable_thinking")
+    if thinking is not None:
+        args.append(f"enable_thinking={thinking}")
+    return ",".join(args)
+
+
+def eval_command(cfg: Mapping, args: str, output: Path, settings: Settings) -> list[str]:
+    cmd = [executable("lm_eval"), "--model", "hf", "--model_args", args, "--apply_chat_template",
+           "--include_path", str(tasks_dir()), "--tasks", ",".join(settings.tasks), "--batch_size",
+           settings.eval_batch_size, "--output_path", str(output), "--log_samples", "--seed", "0"]
+    if settings.device:
+        cmd += ["--device", settings.device]
+    if settings.max_gen_toks:
+        cmd += ["--gen_kwargs", f"max_gen_toks={settings.max_gen_toks}"]
+    if settings.limit:
+        cmd += ["--limit", str(settings.limit)]
+    return cmd
+
+
+def _custom_template(cfg: Mapping) -> bool:
+    """The config sets a chat template of its own: it is saved with the trained model's tokenizer."""
+    return bool(cfg.get("chat_template")) and cfg.get("chat_template") != "tokenizer_default"
+
+
+def plan_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Settings,
+               log: Log = print) -> tuple[list[str], list[RunPlan]]:
+    """The base model's evaluation command and every run's plan (derived config, commands)."""
+    out = out.resolve()
+    plans = []
+    trained = {}
+    for run in runs:
+        derived, notes = derive_config(cfg, run)
+        for note in notes:
+            log(note)
+        run_dir = out / run.name
+        overrides: dict[str, Any] = {"output_dir": str(run_dir / "model"),
+                                     "dataset_prepared_path": str(run_dir / "prepared")}
+        if settings.max_steps:
+            overrides["max_steps"] = settings.max_steps
+        if run.narrow_from:
+            if run.narrow_from not in trained:
+                raise StudyError(f"run {run.name} scores its retain pool with run {run.narrow_from}, "
+                                 "which must be in the study before it")
+            select = derived["treft"]["retain"]["select"]
+            key = "narrow_adapter" if is_adapter(cfg) else "narrow_model"
+            select[key] = str(trained[run.narrow_from])
+        trained[run.name] = run_dir / "model"
+        train_cmd = [executable("axolotl"), "train", str(run_dir / "config.yml"), "--launcher", settings.launcher]
+        for key, value in overrides.items():
+            train_cmd += [f"--{key.replace('_', '-')}", str(value)]
+        if settings.launcher_args:
+            train_cmd += ["--", *settings.launcher_args]
+        model = run_dir / "model"
+        tokenizer = str(model) if _custom_template(cfg) else None
+        args = model_args(cfg, cfg["base_model"], str(model), tokenizer) if is_adapter(cfg) else \
+            model_args(cfg, str(model), None, None)
+        plans.append(RunPlan(run, run_dir, derived, overrides, train_cmd,
+                             eval_command(cfg, args, run_dir / "lm_eval", settings)))
+    check_output_dirs(plans, settings.cwd)
+    base_tokenizer = str(plans[0].model_dir) if _custom_template(cfg) and plans else None
+    base_cmd = eval_command(cfg, model_args(cfg, cfg["base_model"], None, base_tokenizer), out / BASE_ROW / "lm_eval",
+                            settings)
+    return base_cmd, plans
+
+
+def output_dirs(plan: RunPlan, cwd: Path) -> list[Path]:
+    """Every directory the run writes a model to: Axolotl's output_dir and SafeLoRA's, if it sets one."""
+    dirs = [plan.model_dir]
+    safelora = (plan.config.get("treft") or {}).get("safelora") or {}
+    if safelora.get("output_dir"):
+        dirs.append((cwd / safelora["output_dir"]).resolve())
+    return dirs
+
+
+def check_output_dirs(plans: Sequence[RunPlan], cwd: Path) -> None:
+    """Refuse two runs writing to one directory (they would overwrite each other's model)."""
+    owner: dict[Path, str] = {}
+    for plan in plans:
+        for path in output_dirs(plan, cwd):
+            if path in owner:
+                raise StudyError(f"runs {owner[path]} and {plan.run.name} share the output_dir {path}; "
+                                 "give each run its own")
+            owner[path] = plan.run.name
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_digests(cfg: Mapping, cwd: Path) -> dict[str, str]:
+    """sha256 of every local data file the config trains on (training and retain datasets)."""
+    retain = (cfg.get("treft") or {}).get("retain") or {}
+    specs = [*(cfg.get("datasets") or []), *retain.get("datasets", [])]
+    files = sorted({str(s["path"]) for s in specs if isinstance(s, Mapping) and "path" in s})
+    found = {f: cwd / f for f in files}
+    return {f: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for f, p in found.items() if p.is_file()}
+
+
+def train_key(plan: RunPlan, settings: Settings) -> str:
+    return fingerprint({"config": plan.config, "overrides": plan.overrides,
+                        "data": data_digests(plan.config, settings.cwd)})
+
+
+def eval_key(train: str, cmd: Sequence[str]) -> str:
+    return fingerprint({"train": train, "eval": list(cmd[1:])})
+
+
+def _cached(path: Path, key: str) -> dict | None:
+    """A finished step's figures if it ran with the same settings; a clear error if with others."""
+    if not path.exists():
+        return None
+    figures = json.loads(path.read_text())
+    if figures.get("fingerprint") != key:
+        raise StudyError(f"{path.parent} was made with other settings (config, data, steps, tasks or eval "
+                         f"limit) than this study; use another --out, or delete {path.parent} to redo it")
+    return figures
+
+
+def check_reusable(plans: Sequence[RunPlan], settings: Settings) -> None:
+    """Refuse, before any training, a run directory holding a run made with other settings."""
+    for plan in plans:
+        key = train_key(plan, settings)
+        _cached(plan.dir / "train.json", key)
+        if (plan.dir / "train.json").exists():
+            _cached(plan.dir / "eval.json", eval_key(key, plan.eval_cmd))
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": path, **settings.env}
+
+
+def write_config(plan: RunPlan) -> Path:
+    plan.dir.mkdir(parents=True, exist_ok=True)
+    path = plan.dir / "config.yml"
+    path.write_text(yaml.safe_dump(plan.config, sort_keys=False))
+    return path
+
+
+def train(plan: RunPlan, settings: Settings, log: Log) -> dict:
+    """``axolotl train`` through the chosen launcher; the figures of the finished run."""
+    done = plan.dir / "train.json"
+    key = train_key(plan, settings)
+    if (figures := _cached(done, key)) is not None:
+        log(f"[{plan.run.name}] training already finished, reusing {done}")
+        return figures
+    write_config(plan)
+    log(f"[{plan.run.name}] training: {plan.run.label} ...")
+    steps = 0
+
+    def progress(line: str) -> None:
+        nonlocal steps
+        for m in parse_metrics(line):
+            steps += 1
+            shown = {k: v for k, v in m.items() if k == "loss" or k.startswith("treft/")}
+            log(f"[{plan.run.name}] step {steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+
+    start = time.time()
+    returncode, output = run_streaming(plan.train_cmd, settings.cwd, _env(settings), on_line=progress)
+    (plan.dir / "train.log").write_text(output)
+    metrics = parse_metrics(output)
+    if returncode != 0 or not metrics:
+        raise StudyError(f"[{plan.run.name}] axolotl train failed (exit {returncode}); see {plan.dir / 'train.log'}")
+    last = metrics[-1]
+    peaks = [float(m[PEAK_MEMORY_KEY]) for m in metrics if PEAK_MEMORY_KEY in m]
+    figures = {
+        "fingerprint": key,
+        "steps": len(metrics),
+        "train_seconds": round(time.time() - start, 1),
+        "peak_gpu_gib": max(peaks) if peaks and max(peaks) > 0 else None,  # Axolotl logs 0 without a GPU
+        "final_sft_loss": float(last.get("treft/sft", last["loss"])),
+        "final_terms": {k: float(v) for k, v in last.items() if k.startswith("treft/") and k != "treft/sft"},
+    }
+    done.write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def evaluate(name: str, cmd: list[str], run_dir: Path, train: str, settings: Settings, log: Log) -> dict:
+    """``lm_eval`` on one model; the task pack's summary row of its results."""
+    done = run_dir / "eval.json"
+    key = eval_key(train, cmd)
+    if (figures := _cached(done, key)) is not None:
+        log(f"[{name}] evaluation already finished, reusing {done}")
+        return figures
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[{name}] evaluating {','.join(settings.tasks)} with lm_eval ...")
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=settings.cwd, env=_env(settings))
+    (run_dir / "lm_eval.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise StudyError(f"[{name}] lm_eval failed (exit {proc.returncode}); see {run_dir / 'lm_eval.log'}")
+    results = find_results(Path(cmd[cmd.index("--output_path") + 1]))
+    row = summarize(load_results(results))
+    figures = {"fingerprint": key, "results": str(results), "eval_seconds": round(time.time() - start, 1),
+               "metrics": {k: v for k, v in row.items() if v is not None and v != ""}}
+    done.write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def diagnose_sft(plan: RunPlan, cfg: Mapping, settings: Settings, log: Log) -> dict | None:
+    """``axolotl-treft diagnose`` of the SFT run: template K/V patched, and the query control. Its JSON."""
+    task = next((t for t in settings.tasks if t.startswith("offtopic_")), None)
+    if task is None:
+        log("template check skipped: it scores an offtopic_* task, and none is in --tasks")
+        return None
+    where = plan.dir / "diagnose"
+    model = ["--adapter", str(plan.model_dir)] if is_adapter(cfg) else ["--model", str(plan.model_dir)]
+    cmd = [executable("axolotl-treft"), "diagnose", "--base-model", str(cfg["base_model"]), *model, "--task", task,
+           "--patch", "prefix_postfix,query", "--out", str(where), "--force"]
+    if settings.limit:
+        cmd += ["--limit", str(settings.limit)]
+    if settings.max_gen_toks:
+        cmd += ["--max-gen-toks", str(settings.max_gen_toks)]
+    key = fingerprint({"train": json.loads((plan.dir / "train.json").read_text())["fingerprint"], "cmd": cmd[1:]})
+    stamp = plan.dir / "diagnose.key"
+    if stamp.exists() and stamp.read_text() == key and (where / "diagnose.json").exists():
+        log(f"[{plan.run.name}] template check already finished, reusing {where / 'diagnose.json'}")
+    else:
+        log(f"[{plan.run.name}] template check: axolotl-treft diagnose --patch prefix_postfix,query ...")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=settings.cwd, env=_env(settings))
+        (plan.dir / "diagnose.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise StudyError(f"[{plan.run.name}] axolotl-treft diagnose failed; see {plan.dir / 'diagnose.log'}")
+        stamp.write_text(key)
+    return json.loads((where / "diagnose.json").read_text())
+
+
+def shell(cmd: Sequence[str]) -> str:
+    return shlex.join(cmd)
