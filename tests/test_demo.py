@@ -69,11 +69,11 @@ def test_quick_study_trains_every_run_and_writes_table_plots_json(quick_study):
             assert row["steps"] == QUICK_STEPS, name
             assert (out / name / "lm_eval").is_dir() and (out / name / "model" / "adapter_config.json").exists()
     # the plugin really ran in the defended runs: their terms were logged
-    assert study["runs"]["treft_prefix_postfix"]["final_terms"]["treft/kv"] > 0
+    assert study["runs"]["treft_postfix"]["final_terms"]["treft/kv"] > 0
+    assert study["runs"]["treft_postfix_fixed"]["final_terms"]["treft/kv"] > 0
     assert "treft/kl" in study["runs"]["kl"]["final_terms"]
     assert "treft/kv" not in study["runs"]["sft"]["final_terms"]
     assert "retain examples" in (out / "interleave" / "train.log").read_text()
-    assert "treft.steering: adding α·e at layer 15" in (out / "steering" / "train.log").read_text()
     # the derived configs differ from the example only in the plugin list and the treft: block
     example = example_config("x", NARROW_SETTINGS["abstention"])
     for name in DEFAULT_RUNS:

@@ -55,7 +55,7 @@ def test_paths_point_into_the_installed_package(wheel_env):
     assert (Path(tasks) / "offtopic_abstention.yaml").is_file()
     assert Path(example).name == "smollm2-135m-abstention-treft.yml" and Path(data).is_file()
     listing = wheel_env.run("axolotl-treft", "path", "example").stdout.split()
-    assert "deepspeed/zero2" in listing and "qwen3-8b-legal-treft" in listing
+    assert "deepspeed/zero2" in listing and "qwen3-8b-legal-treft" in listing and "studies/qwen3-8b-legal" in listing
     missing = wheel_env.run("axolotl-treft", "path", "data", "nope", check=False)
     assert missing.returncode == 2 and "retain_general.jsonl" in missing.stderr  # names what is shipped
 

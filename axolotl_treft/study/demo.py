@@ -28,8 +28,12 @@ EVAL_BATCH_SIZE = "64"
 STEERING_LAYER = 15  # the middle of SmolLM2-135M's 30 layers
 QUICK_STEPS = 3  # per training run
 QUICK_LIMIT = 4  # documents per eval (on/off-topic interleaved, so 2 + 2)
-# `axolotl-treft demo` without --runs: about 30 minutes on 2 CPU cores
-DEFAULT_RUNS = ("sft", "treft_prefix_postfix", "treft_postfix_fixed", "interleave", "kl", "steering")
+# `axolotl-treft demo` without --runs (docs/study.md, "Which runs the demo trains"): postfix TReFT with the exact
+# and the fixed reference side by side, and the two defenses that see other data. Selectable, not default:
+# treft_prefix_postfix (the example's own mode: the same figures as postfix here, plus a reference forward),
+# steering (no effect here: SFT's figures), inoculation (removes the in-domain behaviour too), ldifs,
+# interleave_plus and treft_prefix.
+DEFAULT_RUNS = ("sft", "treft_postfix", "treft_postfix_fixed", "interleave", "kl")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -67,9 +68,12 @@ class RunPlan:
 
 
 def executable(name: str) -> str:
-    """``name`` next to this interpreter (the venv's), else as found on PATH."""
+    """``name`` next to this interpreter (the venv's; bare when PATH finds that one), else as found on PATH."""
     local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else name
+    if not local.exists():
+        return name
+    found = shutil.which(name)
+    return name if found and Path(found).resolve() == local.resolve() else str(local)
 
 
 def pack_tasks() -> list[str]:

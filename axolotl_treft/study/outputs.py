@@ -110,11 +110,17 @@ def plot_pareto(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str) -
         points = {n: (r[learned], r[leak]) for n, r in rows.items()
                   if r.get(learned) is not None and r.get(leak) is not None}
         front = pareto_front({n: p for n, p in points.items() if n != "base"})
+        at: dict[tuple[float, float], list[str]] = {}
         for name, (y, x) in points.items():
             marker = "x" if name == "base" else ("*" if name in front else "o")
             ax.scatter([x], [y], marker=marker, s=120 if name in front else 50,
                        color="tab:red" if name in front else ("grey" if name == "base" else "tab:blue"), zorder=3)
-            ax.annotate(rows[name]["label"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            at.setdefault((x, y), []).append(rows[name]["label"])
+        # one label block per point (runs at the same point listed together), staggered so neighbours stay apart
+        for k, ((x, y), names) in enumerate(sorted(at.items())):
+            ax.annotate("\n".join(names), (x, y), fontsize=6, xytext=(-4, -6 - 28 * (k % 4)),
+                        textcoords="offset points", ha="right" if x > 0.5 else "left", va="top",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
         ordered = sorted((points[n][1], points[n][0]) for n in front)
         if ordered:
             ax.step([p[0] for p in ordered], [p[1] for p in ordered], where="post", color="tab:red", alpha=0.5,
