@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cli import out_dir_error
 from ..report import versions
 from .execute import (
     BASE_ROW,
@@ -41,7 +42,7 @@ from .runs import StudyError, StudyRun, Trait, catalogue, load_config, load_run_
 DEFAULT_TASKS = ("offtopic",)
 
 
-def dry_run(cfg: Mapping, base_cmd: list[str], plans: Sequence[RunPlan], out: Path, settings: Settings,
+def dry_run(base_cmd: list[str], plans: Sequence[RunPlan], out: Path, settings: Settings,
             log: Log) -> int:
     """Write every derived config and ``commands.sh``; print the commands."""
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def run_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Setti
     for note in notes:
         log(note)
     if dry:
-        return dry_run(cfg, base_cmd, plans, out, settings, log)
+        return dry_run(base_cmd, plans, out, settings, log)
     check_reusable(plans, settings)
     log(f"Study: {len(plans)} runs ({', '.join(p.run.name for p in plans)}) and the base model → {out}")
     rows: dict[str, dict[str, Any]] = {}
@@ -110,7 +111,7 @@ def csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+def settings_from(args: argparse.Namespace) -> Settings:
     if args.max_steps is not None and args.max_steps < 1:
         raise StudyError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.limit is not None and args.limit < 1:
@@ -118,7 +119,7 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings(tasks=tuple(csv(args.tasks) or DEFAULT_TASKS), launcher=args.launcher,
                     launcher_args=tuple(shlex.split(args.launcher_args or "")), max_steps=args.max_steps,
                     limit=args.limit, max_gen_toks=args.max_gen_toks, eval_batch_size=str(args.eval_batch_size),
-                    device=args.device, cwd=Path.cwd(), **extra)
+                    device=args.device, cwd=Path.cwd())
 
 
 def main(args: argparse.Namespace) -> int:
@@ -138,8 +139,8 @@ def main(args: argparse.Namespace) -> int:
             default = list(from_file)
         chosen, notes = select(runs, csv(args.runs), [parse_sweep(s) for s in args.sweep or []], default)
         out = Path(args.out or f"runs/study-{Path(args.config).stem}")
-        if out.exists() and not out.is_dir():
-            raise StudyError(f"--out {out} is a file; it must be a directory (new or existing)")
+        if error := out_dir_error(str(out)):
+            raise StudyError(error)
         command = shlex.join(["axolotl-treft", "study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] else \
             f"axolotl-treft study {args.config}"
         return run_study(cfg, chosen, out, settings_from(args), command=command, diagnose=args.diagnose,

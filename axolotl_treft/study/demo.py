@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ..cli import out_dir_error
 from ..resources import data_path, example_path, resolved_example
 from ..runner import OFFLINE_ENV
 from .command import run_study
@@ -82,8 +83,8 @@ def main(args: argparse.Namespace) -> int:
     setting = NARROW_SETTINGS[args.setting]
     out = Path(args.out or ("runs/demo" if args.setting == "abstention" else f"runs/demo-{args.setting}"))
     try:
-        if out.exists() and not out.is_dir():
-            raise StudyError(f"--out {out} is a file; it must be a directory (new or existing)")
+        if error := out_dir_error(str(out)):
+            raise StudyError(error)
         model = materialize_smollm2()
         cfg = example_config(model, setting)
         runs = catalogue(cfg, demo_trait(setting))
