@@ -4,7 +4,8 @@ On a shared machine a sequential benchmark mixes the cost of a configuration wit
 that moment. Here every iteration runs one training step of each configuration in turn (SFT included),
 on the same SmolLM2-135M LoRA model, batch and optimizer, through the same code the trainer runs
 (captures around the SFT forward, one shared reference pass, the terms, backward, AdamW step), so load
-changes hit all configurations alike. Reported: median step time and the ratio to SFT.
+changes hit all configurations alike. Reported: median step time, its ratio to SFT's median, and the
+paired ratio (the median over rounds of each round's step time over that round's SFT step).
 
 ``ref_floor`` is SFT plus one no-grad reference forward with logits at every real token and nothing else:
 the floor under KL on train. ``floor_postfix`` / ``floor_all`` are SFT plus one no-grad reference forward
@@ -17,7 +18,12 @@ with gradient checkpointing or full finetuning it is ~1.33×). ``--grad-ckpt`` m
 ``steering`` is SFT with the persona-steering hook on the middle decoder layer (α = 5, the direction from
 the shipped questions), attached for its own step only.
 
-    python bench/bench_interleaved.py --iters 8 --batch 4 [--grad-ckpt] [--configs steering]
+``--memory`` adds the peak allocated memory of one profiled step of each configuration (after the timed
+rounds, so optimizer state and caches exist): the live bytes at the step's start (weights, optimizer state,
+caches such as the fixed postfix reference), the peak during the step, and the peak minus the start (what the
+step itself allocates: activations kept for backward, gradients, temporaries).
+
+    python bench/bench_interleaved.py --iters 8 --batch 4 [--grad-ckpt] [--configs steering] [--memory]
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -144,11 +153,42 @@ def step(model, opt, reference, reg, inputs, segments):
             out = model(**inputs, use_cache=False)
         (term,) = regularized_terms(reference, batch, [reg], states, out, model)
         loss = out.loss + reg.weight * term
+        del out  # as in TReFTTrainer.compute_loss, the outputs (logits) are gone before the backward
     loss.backward()
     opt.step()
     opt.zero_grad()
     if isinstance(reg, Regularizer):
         reg.end_step()
+
+
+def step_memory(model, opt, reference, reg, inputs, segments) -> tuple[int, int]:
+    """(bytes live when the step starts, peak bytes during it) of one training step, from torch's own memory
+    timeline of a profiled step (every CPU tensor allocation and free: the CPU analogue of
+    ``torch.cuda.max_memory_allocated``, without the allocator's and the process's noise that RSS carries)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step(model, opt, reference, reg, inputs, segments)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA snapshots
+        prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
+        _, sizes = json.loads(Path(f"{tmp}/timeline.json").read_text())
+    totals = [sum(by_category) for by_category in sizes]
+    return totals[0], max(totals)
+
+
+def print_memory(model, opt, reference, regs: dict, inputs, segments) -> list[dict]:
+    """Peak allocated memory of one step of each configuration, and its ratio to SFT's."""
+    figures = {name: step_memory(model, opt, reference, reg, inputs, segments) for name, reg in regs.items()}
+    sft_start, sft_peak = figures["sft"]
+    print(f"\n{'config':<24}{'start MiB':>10}{'peak MiB':>10}{'x SFT':>8}{'added MiB':>11}{'x SFT':>8}")
+    rows = []
+    for name, (start, peak) in figures.items():
+        rows.append({"config": name, "start_mib": start / 2**20, "peak_mib": peak / 2**20,
+                     "peak_ratio": peak / sft_peak, "added_mib": (peak - start) / 2**20,
+                     "added_ratio": (peak - start) / (sft_peak - sft_start)})
+        r = rows[-1]
+        print(f"{name:<24}{r['start_mib']:>10.1f}{r['peak_mib']:>10.1f}{r['peak_ratio']:>8.3f}"
+              f"{r['added_mib']:>11.1f}{r['added_ratio']:>8.3f}")
+    return rows
 
 
 def main() -> None:
@@ -157,6 +197,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--grad-ckpt", action="store_true", help="non-reentrant gradient checkpointing")
     parser.add_argument("--configs", default=None, help="comma-separated subset (sft and ref_floor are always included)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also the peak allocated memory of one profiled step of each configuration")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -196,17 +238,21 @@ def main() -> None:
           f"{args.iters} interleaved rounds, torch threads {torch.get_num_threads()}, "
           f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}")
     floor = statistics.median(times["ref_floor"][1:])
-    print(f"{'config':<24}{'s/step':>9}{'x SFT':>8}{'x floor':>9}{'x own floor':>13}")
+    print(f"{'config':<24}{'s/step':>9}{'x SFT':>8}{'paired':>8}{'x floor':>9}{'x own floor':>13}")
     out = []
     for name, values in times.items():
         med = statistics.median(values[1:])
+        # the median of this round's step over the same round's SFT step: load drift between rounds cancels
+        paired = statistics.median(v / b for v, b in zip(values[1:], times["sft"][1:], strict=True))
         own = statistics.median(times[FLOOR_OF[name]][1:]) if name in FLOOR_OF else None
-        out.append({"config": name, "step_s": med, "time_ratio": med / base, "floor_ratio": med / floor,
-                    "own_floor": FLOOR_OF.get(name), "own_floor_ratio": med / own if own else None})
-        print(f"{name:<24}{med:>9.3f}{med / base:>8.3f}{med / floor:>9.3f}"
+        out.append({"config": name, "step_s": med, "time_ratio": med / base, "paired_ratio": paired,
+                    "floor_ratio": med / floor, "own_floor": FLOOR_OF.get(name),
+                    "own_floor_ratio": med / own if own else None})
+        print(f"{name:<24}{med:>9.3f}{med / base:>8.3f}{paired:>8.3f}{med / floor:>9.3f}"
               f"  {f'{med / own:.3f} ({FLOOR_OF[name]})' if own else ''}")
+    memory = print_memory(model, opt, reference, regs, inputs, segments) if args.memory else None
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        Path(args.json).write_text(json.dumps({"time": out, "memory": memory}, indent=1))
 
 
 if __name__ == "__main__":
