@@ -254,15 +254,15 @@ def derive_config(cfg: Mapping, run: StudyRun) -> tuple[dict, list[str]]:
     derived = copy.deepcopy(dict(cfg))
     notes = []
     plugins = [p for p in derived.get("plugins") or [] if p != TREFT_PLUGIN]
-    derived.pop("treft", None)
     if run.treft is None:
         if cfg.get("treft"):
             notes.append(f"{run.name}: the config's treft: block and {TREFT_PLUGIN} are dropped (plain-SFT twin)")
+        derived.pop("treft", None)
         if plugins:
             derived["plugins"] = plugins
         else:
             derived.pop("plugins", None)
-    else:
+    else:  # replaced where the user wrote them (a dict keeps the key's place), appended otherwise
         derived["plugins"] = [*plugins, TREFT_PLUGIN] if TREFT_PLUGIN not in (cfg.get("plugins") or []) \
             else list(cfg["plugins"])
         derived["treft"] = copy.deepcopy(run.treft)
