@@ -210,7 +210,8 @@ def sweep_point(run: StudyRun, param: str, value: float) -> StudyRun:
         raise StudyError(f"--sweep {run.name}.{param}: {'.'.join(map(str, path[:-1]))} is not a mapping")
     node[path[-1]] = value
     short = param if param in ("weight", *SHORTCUTS) else ".".join(map(str, path))
-    return replace(run, name=f"{run.name}@{short}={value:g}", label=f"{run.label.split(' (')[0]} ({short}={value:g})",
+    shown = f"λ={value:g}" if short == "weight" else f"{short}={value:g}"  # as the catalogue's labels write λ
+    return replace(run, name=f"{run.name}@{short}={value:g}", label=f"{run.label.split(' (')[0]} ({shown})",
                    treft=treft)
 
 
