@@ -96,6 +96,9 @@ def plot_bars(rows: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     return report.plot(labels(rows), list(rows.values()), path)
 
 
+LABEL_LINE, LABEL_GAP = 0.028, 0.018  # axes fraction per label line (fontsize 6, 5 in tall) and between blocks
+
+
 def plot_pareto(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> Path | None:
     """One panel per behaviour: learned (in-domain) vs leak (off-topic) of every run, the Pareto front marked."""
     axes_keys = trade_offs(rows)
@@ -116,11 +119,14 @@ def plot_pareto(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str) -
             ax.scatter([x], [y], marker=marker, s=120 if name in front else 50,
                        color="tab:red" if name in front else ("grey" if name == "base" else "tab:blue"), zorder=3)
             at.setdefault((x, y), []).append(rows[name]["label"])
-        # one label block per point (runs at the same point listed together), staggered so neighbours stay apart
-        for k, ((x, y), names) in enumerate(sorted(at.items())):
-            ax.annotate("\n".join(names), (x, y), fontsize=6, xytext=(-4, -6 - 28 * (k % 4)),
-                        textcoords="offset points", ha="right" if x > 0.5 else "left", va="top",
+        # one label block per point (runs at the same point listed together), stacked in a column in the plot's
+        # middle, top to bottom in the order of the points (highest first, then left to right): no two overlap
+        cursor = 0.93
+        for (x, y), names in sorted(at.items(), key=lambda item: (-item[0][1], item[0][0])):
+            ax.annotate("\n".join(names), (x, y), fontsize=6, xytext=(0.42, cursor), textcoords="axes fraction",
+                        ha="right", va="top", bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.3},
                         arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
+            cursor -= LABEL_LINE * len(names) + LABEL_GAP
         ordered = sorted((points[n][1], points[n][0]) for n in front)
         if ordered:
             ax.step([p[0] for p in ordered], [p[1] for p in ordered], where="post", color="tab:red", alpha=0.5,
