@@ -8,6 +8,7 @@ template (prefix, postfix or both) cuts the off-topic rate by at least half whil
 
     python bench/screen_behaviours.py                      # everything; finished steps are reused
     python bench/screen_behaviours.py --behaviours caps --regimes shipped
+    python bench/screen_behaviours.py --behaviours caps --regimes shipped --treft postfix,prefix_postfix,prefix
 
 Each training and each diagnosis takes the heavy-job lock itself, one at a time. Results: ``OUT/<behaviour>-
 <regime>/{adapter,train.json,diagnose/}``, one JSONL line per finished step in ``OUT/results.jsonl``, and
@@ -128,14 +129,15 @@ def diagnose_command(model: Path, behaviour: Behaviour, out: Path, *which: str) 
     return cmd
 
 
-def diagnose_run(out: Path, name: str, model: Path, behaviour: Behaviour) -> dict:
-    """``axolotl-treft diagnose`` on the run's adapter unless its ``diagnose.json`` exists."""
+def diagnose_run(out: Path, name: str, model: Path, behaviour: Behaviour, regions: str = ",".join(REGIONS)) -> dict:
+    """``axolotl-treft diagnose`` on the run's adapter unless its ``diagnose.json`` exists (``regions``:
+    ``none`` = the adapter's own rates only)."""
     run_dir = out / name
     result = run_dir / "diagnose" / "diagnose.json"
     if result.exists():
         return json.loads(result.read_text())
     cmd = diagnose_command(model, behaviour, run_dir / "diagnose", "--adapter", str(run_dir / "adapter"),
-                           "--patch", ",".join(REGIONS))
+                           "--patch", regions)
     return run_diagnose(out, name, cmd, result)
 
 
@@ -229,6 +231,34 @@ def parse_names(text: str, known: dict) -> list[str]:
     return names
 
 
+def treft_table(rows: list[dict]) -> str:
+    """TReFT on a screened behaviour: on/off rates of each token mode against the same regime's SFT."""
+    lines = ["| behaviour | regime (lr) | training | on | off | off vs SFT |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cut = "—" if r["vs_sft"] is None else f"{100 * r['vs_sft']:+.1f}%"
+        lines.append(f"| {r['behaviour']} | {r['regime']} ({REGIMES[r['regime']]:g}) | {r['training']} | "
+                     f"{_rate(r['on'])} | {_rate(r['off'])} | {cut} |")
+    return "\n".join(lines)
+
+
+def treft_runs(out: Path, behaviour: str, regime: str, modes: list[str], weight: float, model: Path, tok) -> list[dict]:
+    """SFT and TReFT (each token mode at ``weight``) on one behaviour and regime, scored unpatched."""
+    found = []
+    for mode in ["none", *modes]:
+        name = run_name(behaviour, regime) + ("" if mode == "none" else f"-treft_{mode}@{weight:g}")
+        cfg = {**run_cfg(behaviour, REGIMES[regime]), **({} if mode == "none" else {"tokens": mode, "weight": weight})}
+        with heavy_lock():
+            train_run(out, name, cfg, model, tok)
+            diagnosis = diagnose_run(out, name, model, BEHAVIOURS[behaviour],
+                                     ",".join(REGIONS) if mode == "none" else "none")
+        on, off = rates(diagnosis, "unpatched")
+        sft_off = found[0]["off"] if found else off
+        found.append({"behaviour": behaviour, "regime": regime, "training": "SFT" if mode == "none"
+                      else f"TReFT {mode} λ={weight:g}", "on": on, "off": off,
+                      "vs_sft": None if mode == "none" or not sft_off else off / sft_off - 1})
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--behaviours", default=",".join(BEHAVIOURS), help="comma-separated subset")
@@ -236,6 +266,10 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="train the adapters, diagnose nothing")
     parser.add_argument("--table-only", action="store_true",
                         help="only write the table of the runs already diagnosed (train and diagnose nothing)")
+    parser.add_argument("--treft", default=None, metavar="MODES",
+                        help="also train TReFT with these token modes (e.g. postfix,prefix_postfix) on each behaviour "
+                             "and regime, score them unpatched, and write treft.md next to the screen")
+    parser.add_argument("--weight", type=float, default=30.0, help="λ of the --treft runs")
     parser.add_argument("--out", default="runs/screen")
     args = parser.parse_args()
     behaviours = parse_names(args.behaviours, BEHAVIOURS)
@@ -265,6 +299,11 @@ def main() -> None:
                 if not args.train_only:
                     diagnosis = diagnose_run(out, run_name(b, r), model, BEHAVIOURS[b])
                     rows[run_name(b, r)] = screen_row(b, r, diagnosis, base_run(out, model, BEHAVIOURS[b]))
+    if args.treft and not args.train_only and not args.table_only:
+        found = [row for r in regimes for b in behaviours
+                 for row in treft_runs(out, b, r, args.treft.split(","), args.weight, model, tok)]
+        (out / "treft.md").write_text(treft_table(found) + "\n")
+        print("\n" + treft_table(found))
     if args.train_only:
         return
     (out / "screen.json").write_text(json.dumps(rows, indent=1))
