@@ -9,6 +9,16 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}  # lla
 .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 # torch is pinned through constraints.txt: an unpinned torch would pull several GB of CUDA packages.
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+# llama-cpp-python (the test extra's real judge server) builds from source. Build it portable (AVX2/FMA, no
+# -march=native): llama.cpp's AMX kernels crash on multi-token prompts with the Q4 judge model on AMX CPUs
+# (seen with 0.3.36), and a native wheel left in pip's cache can fail on another CPU. --no-cache-dir keeps a
+# cached native build out; the marker makes a second run skip the build.
+LLAMA_MARKER=.venv/.llama-cpp-portable
+if [ ! -f "$LLAMA_MARKER" ]; then
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q --no-cache-dir --no-deps \
+    --force-reinstall "llama-cpp-python>=0.3"
+  touch "$LLAMA_MARKER"
+fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[demo,test,deepspeed]"
 .venv/bin/axolotl-treft model smollm2 >/dev/null
 echo "axolotl-treft installed in .venv"
