@@ -151,7 +151,7 @@ def test_retraining_the_sft_config_gives_the_identical_adapter(quick_study, tmp_
 
     The study's SFT config, trained again in a fresh process, must give the same loss curve and the same bytes.
     """
-    from axolotl_treft.runner import parse_metrics, run_axolotl_train
+    from axolotl_treft.runner import RunResult, parse_metrics, run_axolotl_train
 
     out, _ = quick_study
     cfg = yaml.safe_load((out / "sft" / "config.yml").read_text())
@@ -161,10 +161,8 @@ def test_retraining_the_sft_config_gives_the_identical_adapter(quick_study, tmp_
     assert result.returncode == 0, result.log[-3000:]
     assert "Plugin loaded successfully: axolotl_treft.SeedPlugin" in result.log
 
-    def grad_norms(log: str) -> list[float]:
-        return [m["grad_norm"] for m in parse_metrics(log) if "grad_norm" in m]
-
-    first = grad_norms((out / "sft" / "train.log").read_text())
-    assert len(first) == QUICK_STEPS and grad_norms(result.log) == first
+    study_log = (out / "sft" / "train.log").read_text()
+    first = RunResult(0, study_log, parse_metrics(study_log), out / "sft" / "model").series("grad_norm")
+    assert len(first) == QUICK_STEPS and result.series("grad_norm") == first
     assert ((tmp_path / "model" / "adapter_model.safetensors").read_bytes()
             == (out / "sft" / "model" / "adapter_model.safetensors").read_bytes())
