@@ -121,6 +121,21 @@ def test_settings_change_is_refused_not_overwritten(quick_study, demo):
     assert (out / "sft" / "train.json").read_text() == before
 
 
+def test_learning_rate_sets_every_run_and_nothing_else(demo, tmp_path):
+    default, low = tmp_path / "default", tmp_path / "low"
+    demo("--dry-run", "--out", str(default), timeout=300)
+    demo("--dry-run", "--learning-rate", "1e-4", "--out", str(low), timeout=300)
+    for run in DEFAULT_RUNS:
+        before = yaml.safe_load((default / run / "config.yml").read_text())
+        after = yaml.safe_load((low / run / "config.yml").read_text())
+        assert before["learning_rate"] == 3e-4 and after["learning_rate"] == 1e-4
+        assert {k: v for k, v in before.items() if k != "learning_rate"} == {
+            k: v for k, v in after.items() if k != "learning_rate"}
+    bad = demo("--dry-run", "--learning-rate", "0", "--out", str(tmp_path / "bad"), timeout=300, check=False)
+    assert bad.returncode == 2 and "--learning-rate: must be > 0" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_numbers_only_sweep_is_the_shipped_treft_lambda():
     cfg = example_config("model", NARROW_SETTINGS["abstention"])
     assert sweep_arg("1,10", cfg) == "treft_prefix_postfix.weight=1,10"

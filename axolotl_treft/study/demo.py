@@ -87,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
             raise StudyError(error)
         model = materialize_smollm2()
         cfg = example_config(model, setting)
+        if args.learning_rate is not None:
+            cfg["learning_rate"] = args.learning_rate
         runs = catalogue(cfg, demo_trait(setting))
         sweeps = [parse_sweep(sweep_arg(s, cfg)) for s in args.sweep or []]
         chosen, notes = select(runs, args.runs.split(",") if args.runs else (["sft"] if sweeps else None), sweeps,
@@ -94,10 +96,11 @@ def main(args: argparse.Namespace) -> int:
         settings = Settings(tasks=(setting.task,), launcher="python", max_steps=QUICK_STEPS if args.quick else args.max_steps,
                             limit=QUICK_LIMIT if args.quick else args.limit, max_gen_toks=EVAL_MAX_GEN_TOKS,
                             eval_batch_size=EVAL_BATCH_SIZE, device="cpu", env=OFFLINE_ENV, cwd=Path.cwd())
+        lr_note = "" if args.learning_rate is None else f" (lr {args.learning_rate:g})"
         command = shlex.join(["axolotl-treft", "demo", *(sys.argv[2:] if sys.argv[1:2] == ["demo"] else [])])
         return run_study(cfg, chosen, out, settings, command=command, diagnose=not args.dry_run, dry=args.dry_run,
-                         notes=notes, title=f"Narrow finetuning of SmolLM2-135M-Instruct: does the {setting.behaviour} "
-                                            "leak off-topic?")
+                         notes=notes, title=f"Narrow finetuning of SmolLM2-135M-Instruct{lr_note}: does the "
+                                            f"{setting.behaviour} leak off-topic?")
     except StudyError as err:
         print(f"axolotl-treft demo: error: {err}", file=sys.stderr)
         return 2
