@@ -7,7 +7,6 @@ silently drops undeclared keys, which would hide typos), and every error names t
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+from .config_checks import check_against_axolotl_cfg, check_steering_layer
+from .defenses.steering import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 from .spans import SEG_PREFIX, TOKEN_MODES
-from .steering import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 
 TokenMode = Literal["prefix", "postfix", "prefix_postfix", "query", "all"]
 
@@ -199,7 +199,7 @@ class RetainConfig(_Block):
     @model_validator(mode="after")
     def _check_select(self) -> RetainConfig:
         if self.select is not None:
-            from .retain_select import check_pool_specs
+            from .defenses.retain_select import check_pool_specs
 
             check_pool_specs(self.datasets, key="treft.retain.datasets")
         return self
@@ -238,7 +238,7 @@ class SteeringConfig(_Block):
         if self.positive.strip() == self.negative.strip():
             raise ValueError("treft.steering.negative: identical to `positive`; the direction would be zero")
         if self.questions is not None:
-            from .steering import load_questions
+            from .defenses.steering import load_questions
 
             load_questions(self.questions, key="treft.steering.questions")
         return self
@@ -334,30 +334,6 @@ def kv_terms(treft: Any) -> list[KVConfig]:
     return treft.kv_terms()
 
 
-def _num_layers(base_model: str | None, trust_remote_code: bool = False) -> int | None:
-    """Layer count from the model's config: a local directory, or the Hugging Face cache (no download, no load).
-
-    None when the config is not available offline; the layer indices are then checked against the loaded model
-    when the trainer is configured, still before any training step.
-    """
-    if not base_model:
-        return None
-    cfg_path = Path(base_model) / "config.json"
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        cfg = cfg.get("text_config", cfg)
-        return cfg.get("num_hidden_layers")
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(base_model, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, ImportError):  # not in the local cache (or not a model id at all)
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "num_hidden_layers", None)
-
-
-REGULARIZER_KEYS = ("kv", "kl", "feature_l2")
 PLUGIN_NAME = "axolotl_treft.TReFTPlugin"
 
 
@@ -390,7 +366,7 @@ class TReFTArgs(BaseModel):
     @classmethod
     def _check_defenses_against_axolotl_cfg(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("treft"), dict):
-            _check_steering_layer(data)
+            check_steering_layer(data)
         return data
 
     @model_validator(mode="before")
@@ -401,84 +377,4 @@ class TReFTArgs(BaseModel):
         treft = data["treft"]
         if not isinstance(treft, dict):
             return data
-        kl_block = treft.get("kl")
-        if isinstance(kl_block, dict) and True in kl_block:  # YAML 1.1 reads a bare `on:` key as True
-            kl_block["on"] = kl_block.pop(True)
-        regularized = [k for k in REGULARIZER_KEYS if treft.get(k)]
-        if data.get("rl") and (regularized or treft.get("retain")):
-            raise ValueError(
-                f"rl: `rl: {data.get('rl')}` uses Axolotl's preference/RL trainers, and treft."
-                f"{'/'.join(regularized or ['retain'])} run on the SFT trainer only: remove `rl:` to finetune with "
-                "SFT, or drop those treft blocks (treft.safelora works with any trainer)"
-            )
-        fsdp_keys = [k for k in ("fsdp", "fsdp_config", "fsdp_version") if data.get(k)]
-        if fsdp_keys and regularized:
-            raise ValueError(
-                f"{fsdp_keys[0]}: FSDP is not supported with treft.{'/'.join(regularized)} (the frozen reference and "
-                "the activation hooks need the unsharded modules); use DeepSpeed instead (`deepspeed:` with "
-                "`axolotl-treft path example deepspeed/zero2` or zero3, see docs/multigpu.md)"
-            )
-        if data.get("activation_offloading") == "legacy" and (treft.get("kv") or treft.get("feature_l2")):
-            raise ValueError(
-                "activation_offloading: `legacy` runs the decoder layers under no_grad, so the K/V and feature "
-                "activations treft.kv / treft.feature_l2 regularize carry no gradient; use "
-                "`activation_offloading: true` (or `hidden_states`, or false)"
-            )
-        if data.get("balance_labels") and regularized:
-            raise ValueError(
-                "balance_labels: Axolotl's label-balanced batching only accepts its own collator, and treft.kv / "
-                "treft.kl / treft.feature_l2 wrap the collator to carry template segments; set "
-                "`balance_labels: false` (or drop those treft blocks)"
-            )
-        if treft.get("kv") and data.get("lora_qkv_kernel"):
-            raise ValueError(
-                "treft.kv: `lora_qkv_kernel: true` fuses q/k/v and bypasses the k_proj/v_proj modules TReFT hooks; "
-                "set `lora_qkv_kernel: false`"
-            )
-        blocks = {"feature_l2": treft.get("feature_l2")}
-        kv = treft.get("kv")
-        kv_blocks = {f"kv[{i}]": b for i, b in enumerate(kv)} if isinstance(kv, list) else {"kv": kv}
-        blocks.update(kv_blocks)
-        layer_lists = {key: block.get("layers") for key, block in blocks.items()
-                       if isinstance(block, dict) and isinstance(block.get("layers"), list)}
-        n_layers = _num_layers(data.get("base_model_config") or data.get("base_model"),
-                               bool(data.get("trust_remote_code"))) if layer_lists else None
-        for key, layers in layer_lists.items():
-            ints = [i for i in layers if isinstance(i, int) and not isinstance(i, bool)]
-            if len(ints) != len(layers):  # the type error comes from the field itself, naming the key
-                continue
-            bad = [i for i in ints if n_layers is not None and not -n_layers <= i < n_layers]
-            if bad:
-                raise ValueError(f"treft.{key}.layers: index {bad[0]} out of range for a model with {n_layers} "
-                                 f"layers (valid: {-n_layers}..{n_layers - 1})")
-        for key, block in kv_blocks.items():
-            if isinstance(block, dict) and block.get("tokens") not in (None, *TOKEN_MODES):
-                raise ValueError(f"treft.{key}.tokens: unknown mode {block.get('tokens')!r}; choose one of "
-                                 f"{list(TOKEN_MODES)}")
-        if treft.get("kl") and (data.get("liger_fused_linear_cross_entropy") or data.get("cut_cross_entropy")):
-            raise ValueError(
-                "treft.kl: needs the model's logits, which `liger_fused_linear_cross_entropy` / "
-                "`cut_cross_entropy` do not materialize; disable those flags"
-            )
-        if (treft.get("kv") or treft.get("feature_l2")) and data.get("gradient_checkpointing"):
-            # Hooked K/V and layer outputs only carry gradient under non-reentrant checkpointing.
-            gc_kwargs = dict(data.get("gradient_checkpointing_kwargs") or {})
-            if gc_kwargs.get("use_reentrant") is True:
-                raise ValueError(
-                    "gradient_checkpointing_kwargs.use_reentrant: must be false with treft.kv / "
-                    "treft.feature_l2 (reentrant checkpointing hides the activations they regularize)"
-                )
-            gc_kwargs["use_reentrant"] = False
-            data = {**data, "gradient_checkpointing_kwargs": gc_kwargs}
-        if treft.get("safelora") and data.get("adapter") not in ("lora", "qlora"):
-            raise ValueError("treft.safelora: projects a LoRA update; it needs `adapter: lora` (got a full finetune)")
-        return data
-
-
-def _check_steering_layer(data: dict) -> None:
-    """``treft.steering.layer`` against the model's layer count (local models; before any model loads)."""
-    steering = (data.get("treft") or {}).get("steering")
-    layer = steering.get("layer") if isinstance(steering, dict) else None
-    n_layers = _num_layers(data.get("base_model"))
-    if n_layers is not None and isinstance(layer, int) and not -n_layers <= layer < n_layers:
-        raise ValueError(f"treft.steering.layer: {layer} out of range for a model with {n_layers} layers")
+        return check_against_axolotl_cfg(data, treft)

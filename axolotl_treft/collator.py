@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .spans import SEGMENTS_KEY
-
-PAD_SEGMENT = -1
+from .spans import PAD_SEGMENT, SEGMENTS_KEY
 
 
 def _row_segments(samples: list[dict]) -> np.ndarray:

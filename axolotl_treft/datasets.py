@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 from .args import kv_terms
 from .log import get_logger
-from .plugin import SEGMENTED_TYPE
 from .spans import (
     SEG_MISMATCH,
     SEG_UNLOCATED,
+    SEGMENTED_TYPE,
     SEGMENTS_KEY,
     TOKEN_MODES,
     ConversationSpans,
@@ -148,7 +148,7 @@ def check_template(cfg) -> None:
     terms = kv_terms(cfg.treft)
     if not terms:
         return
-    from .inoculation import INOCULATED_TYPE
+    from .defenses.inoculation import INOCULATED_TYPE
 
     datasets = [ds for ds in (cfg.datasets or []) if ds.get("type") in (SEGMENTED_TYPE, INOCULATED_TYPE)]
     if not datasets:

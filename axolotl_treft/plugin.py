@@ -6,16 +6,12 @@ import time
 
 from axolotl.integrations.base import BasePlugin
 
+from .config_checks import uses_trainer
 from .log import get_logger
+from .spans import CHAT_TEMPLATE_TYPE, SEGMENTED_TYPE
 
 LOG = get_logger(__name__)
 
-CHAT_TEMPLATE_TYPE = "chat_template"
-SEGMENTED_TYPE = "axolotl_treft.chat_template"
-
-
-def _uses_trainer(treft) -> bool:
-    return bool(treft and (treft.get("kv") or treft.get("kl") or treft.get("feature_l2")))
 
 
 def warn_about_raw_config(cfg: dict) -> list[str]:
@@ -43,10 +39,10 @@ class TReFTPlugin(BasePlugin):
         warn_about_raw_config(cfg)
         treft = cfg.get("treft")
         if isinstance(treft, dict) and isinstance(treft.get("inoculation"), dict):
-            from .inoculation import switch_dataset_types
+            from .defenses.inoculation import switch_dataset_types
 
             switch_dataset_types(cfg)
-        if not isinstance(treft, dict) or not _uses_trainer(treft):
+        if not isinstance(treft, dict) or not uses_trainer(treft):
             return  # interleaving or SafeLoRA alone: the datasets stay exactly Axolotl's
         lists = [cfg.get("datasets"), cfg.get("test_datasets")]
         retain = treft.get("retain")
@@ -84,18 +80,18 @@ class TReFTPlugin(BasePlugin):
         if cfg.treft.inoculation:
             from axolotl.loaders import load_tokenizer
 
-            from .inoculation import check_inoculation
+            from .defenses.inoculation import check_inoculation
 
             check_inoculation(cfg, load_tokenizer(cfg))
         if cfg.treft.retain and cfg.treft.retain.select:
-            from .retain_select import select_at_startup
+            from .defenses.retain_select import select_at_startup
 
             select_at_startup(cfg)
 
     def get_trainer_cls(self, cfg):
-        if cfg.rl and _uses_trainer(cfg.treft):  # the config validator refuses this; never hand RL an SFT trainer
+        if cfg.rl and uses_trainer(cfg.treft):  # the config validator refuses this; never hand RL an SFT trainer
             raise ValueError(f"rl: treft regularizers run on the SFT trainer only; remove `rl: {cfg.rl}`")
-        if _uses_trainer(cfg.treft):
+        if uses_trainer(cfg.treft):
             from .trainer import TReFTTrainer
 
             return TReFTTrainer
@@ -109,7 +105,7 @@ class TReFTPlugin(BasePlugin):
             return
         check_training_samples(cfg, trainer.train_dataset, getattr(trainer, "processing_class", None))
         if cfg.treft and cfg.treft.inoculation:
-            from .inoculation import log_inoculated_count
+            from .defenses.inoculation import log_inoculated_count
 
             log_inoculated_count(cfg, trainer)
 
@@ -120,7 +116,7 @@ class TReFTPlugin(BasePlugin):
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         if not (cfg.treft and cfg.treft.steering):
             return []
-        from .steering import SteeringCallback
+        from .defenses.steering import SteeringCallback
 
         return [SteeringCallback(cfg, trainer)]
 
@@ -130,7 +126,7 @@ class TReFTPlugin(BasePlugin):
 
     def post_train(self, cfg, model) -> None:
         if cfg.treft and cfg.treft.safelora:
-            from .safelora import apply_after_training
+            from .defenses.safelora import apply_after_training
 
             apply_after_training(cfg, not_before=self.run_started)
 

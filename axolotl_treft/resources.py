@@ -16,21 +16,22 @@ EXTRA_HINT = {
 }
 
 
-def _dir(*parts: str) -> Path:
-    return Path(str(resources.files("axolotl_treft").joinpath(*parts)))
+def _dir(package: str) -> Path:
+    return Path(str(resources.files(package)))
 
 
 def tasks_dir() -> Path:
-    """Directory of the lm-eval task pack (for ``lm_eval --include_path``)."""
-    return _dir("tasks")
+    """Directory of the lm-eval task pack (for ``lm_eval --include_path``): ``evals/`` in a checkout."""
+    return _dir("axolotl_treft.evals")
 
 
 def examples_dir() -> Path:
-    return _dir("examples")
+    """Directory of the example configs: ``example_yamls/`` in a checkout."""
+    return _dir("axolotl_treft.example_yamls")
 
 
 def data_dir() -> Path:
-    return _dir("data")
+    return _dir("axolotl_treft") / "data"
 
 
 def list_examples() -> list[str]:

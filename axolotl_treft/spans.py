@@ -41,6 +41,11 @@ SEG_POSTFIX = 3
 SEG_TEMPLATE = 4
 SEG_UNLOCATED = 5
 SEG_MISMATCH = 6
+PAD_SEGMENT = -1  # batch padding (never a token of a conversation)
+
+# Axolotl dataset types: the plugin switches `chat_template` datasets to the same type plus template segments.
+CHAT_TEMPLATE_TYPE = "chat_template"
+SEGMENTED_TYPE = "axolotl_treft.chat_template"
 
 TOKEN_MODES: dict[str, tuple[int, ...]] = {
     "prefix": (SEG_PREFIX,),

@@ -44,7 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from axolotl_treft.args import FeatureL2Config, KLConfig, KVConfig  # noqa: E402
-from axolotl_treft.models import materialize_smollm2  # noqa: E402
+from axolotl_treft.cli.model import materialize_smollm2  # noqa: E402
+from axolotl_treft.defenses.steering import (  # noqa: E402
+    DEFAULT_NEGATIVE,
+    DEFAULT_POSITIVE,
+    SteeringHook,
+    load_questions,
+    persona_direction,
+)
 from axolotl_treft.reference import Reference  # noqa: E402
 from axolotl_treft.regularizers.base import (  # noqa: E402
     ReferenceRequest,
@@ -57,13 +64,6 @@ from axolotl_treft.regularizers.feature_l2 import FeatureL2Regularizer  # noqa: 
 from axolotl_treft.regularizers.kl import KLRegularizer  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402
 from axolotl_treft.spans import SEGMENTS_KEY, TOKEN_MODES, conversation_spans, empty_query_spans  # noqa: E402
-from axolotl_treft.steering import (  # noqa: E402
-    DEFAULT_NEGATIVE,
-    DEFAULT_POSITIVE,
-    SteeringHook,
-    load_questions,
-    persona_direction,
-)
 from tests.reg_harness import fake_trainer, lora_model, padded_batch  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from axolotl_treft.runner import run_axolotl_train  # noqa: E402
+from axolotl_treft.study.runner import run_axolotl_train  # noqa: E402
 from tests.axolotl_runner import CPU_BASE, TRAIN_DATA  # noqa: E402
 
 CONFIGS: dict[str, dict | None] = {
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
 
-    from axolotl_treft.models import materialize_smollm2
+    from axolotl_treft.cli.model import materialize_smollm2
 
     model = materialize_smollm2()
     names = [n for n in CONFIGS if n != "sft" and (args.only is None or n in args.only)]

@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from axolotl_treft.args import KVConfig  # noqa: E402
+from axolotl_treft.cli.model import materialize_smollm2  # noqa: E402
 from axolotl_treft.diagnose.engine import InitialModel, Intervention, InterventionEngine  # noqa: E402
 from axolotl_treft.judge import detect_behaviour  # noqa: E402
-from axolotl_treft.models import materialize_smollm2  # noqa: E402
 from axolotl_treft.reference import Reference  # noqa: E402
 from axolotl_treft.regularizers.base import StepBatch, capture_policy, regularized_terms  # noqa: E402
 from axolotl_treft.regularizers.kv import KVRegularizer  # noqa: E402

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from axolotl_treft.runner import OFFLINE_ENV  # noqa: E402
+from axolotl_treft.study.runner import OFFLINE_ENV  # noqa: E402
 from bench.explore_offtopic import DEFAULTS, train_adapter  # noqa: E402
 
 LOCK = Path("/tmp/treft-heavy.lock")
@@ -276,7 +276,7 @@ def main() -> None:
     regimes = parse_names(args.regimes, REGIMES)
     from transformers import AutoTokenizer
 
-    from axolotl_treft.models import materialize_smollm2
+    from axolotl_treft.cli.model import materialize_smollm2
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def greedy_answers(questions: list[str], batch: int = 48) -> list[str]:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_treft.models import materialize_smollm2
+    from axolotl_treft.cli.model import materialize_smollm2
 
     path = materialize_smollm2()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")

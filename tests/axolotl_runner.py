@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from axolotl_treft.runner import RunResult, run_axolotl_train
+from axolotl_treft.study.runner import RunResult, run_axolotl_train
 
 __all__ = ["CPU_BASE", "TRAIN_DATA", "RunResult", "run_axolotl"]
 

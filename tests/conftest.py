@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an HF directory (materialized once into the user cache)."""
-    from axolotl_treft.models import materialize_smollm2
+    from axolotl_treft.cli.model import materialize_smollm2
 
     return materialize_smollm2()
 

@@ -23,7 +23,7 @@ import yaml
 
 from tests.axolotl_runner import CPU_BASE, REPO, TRAIN_DATA
 
-DS_CONFIGS = REPO / "axolotl_treft" / "examples" / "deepspeed"
+DS_CONFIGS = REPO / "example_yamls" / "deepspeed"
 SHIM = "tests.ds_cpu_shim.CPUDeepSpeed"
 SEED = "axolotl_treft.SeedPlugin"
 PLUGIN = "axolotl_treft.TReFTPlugin"

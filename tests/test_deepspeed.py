@@ -1,7 +1,7 @@
 """2-process DeepSpeed ZeRO-2 / ZeRO-3 runs of the plugin on CPU, through the real ``axolotl train`` CLI.
 
 Each run is ``axolotl train cfg.yml --launcher torchrun -- --nproc_per_node 2`` with our shipped
-``axolotl_treft/examples/deepspeed/zero{2,3}.json``, DeepSpeed's CPU accelerator and gloo collectives, on a tiny
+``example_yamls/deepspeed/zero{2,3}.json``, DeepSpeed's CPU accelerator and gloo collectives, on a tiny
 random Llama (2 layers, hidden 64, SmolLM2's tokenizer and chat template). ``tests/ds_cpu_shim.py`` lets
 accelerate count CPU processes under DeepSpeed and prints what ran on every rank (engine, ZeRO stage,
 partitioned parameters, selected tokens, prefix-cache checksum); ``tests/ds_harness.py`` runs and parses.
@@ -17,7 +17,7 @@ What is checked:
 * every token mode, KL on train and on retain, feature L2 and interleaving run under both stages;
 * a run where one rank's batch has no regularized token completes (hang guard, subprocess timeout);
 * the adapter saved by a ZeRO-3 run is a normal PEFT adapter equal to the single-process one (SafeLoRA
-  runs on it when ``axolotl_treft.safelora`` is present);
+  runs on it when ``axolotl_treft.defenses.safelora`` is present);
 * LoRA + ZeRO-3 + gradient checkpointing fails fast with an actionable message (DeepSpeed 0.18 bug).
 
 Opt-in: the ten runs take about 8 minutes on 2 CPU cores (the first one also JIT-builds DeepSpeed's
@@ -188,7 +188,7 @@ def test_zero3_saved_adapter_is_a_normal_peft_adapter(run_case, tiny_llama_dir):
 
 @ds_run
 def test_safelora_on_zero3_adapter(run_case, tiny_llama_dir, tmp_path):
-    safelora = pytest.importorskip("axolotl_treft.safelora", reason="SafeLoRA not in this checkout yet")
+    safelora = pytest.importorskip("axolotl_treft.defenses.safelora", reason="SafeLoRA not in this checkout yet")
     import torch
     from transformers import AutoModelForCausalLM
 

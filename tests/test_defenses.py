@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from axolotl_treft.retain_select import answer_nll, gap_scores, is_refusal, select, top_indices
+from axolotl_treft.defenses.retain_select import answer_nll, gap_scores, is_refusal, select, top_indices
+from axolotl_treft.defenses.steering import DEFAULT_QUESTIONS, SteeringHook, load_questions, persona_direction
 from axolotl_treft.spans import default_system_prompt
-from axolotl_treft.steering import DEFAULT_QUESTIONS, SteeringHook, load_questions, persona_direction
 from tests.axolotl_runner import TRAIN_DATA
 from tests.test_config import make_cfg, validate
 
@@ -79,7 +79,7 @@ def test_valid_blocks_are_kept(smollm2_dir, tmp_path):
         "steering": {"layer": -1},
     }, dataset_prepared_path=str(tmp_path / "prepared")))
     assert cfg.treft.steering.alpha == 5.0 and cfg.treft.steering.layer == -1
-    assert cfg.datasets[0]["type"] == "axolotl_treft.inoculation"
+    assert cfg.datasets[0]["type"] == "axolotl_treft.defenses.inoculation"
     assert cfg.dataset_prepared_path.startswith(str(tmp_path / "prepared" / "treft-inoculation-"))
 
 
@@ -98,7 +98,7 @@ def _strategy(tokenizer, kind: str, treft: dict | None):
 def test_training_rows_carry_the_prompt_evaluation_prompts_do_not(smollm2_tokenizer, mode):
     row = json.loads(TRAIN_DATA.read_text().splitlines()[0])
     prompt = "You always answer that you have no idea."
-    inoculated = _strategy(smollm2_tokenizer, "axolotl_treft.inoculation",
+    inoculated = _strategy(smollm2_tokenizer, "axolotl_treft.defenses.inoculation",
                            {"inoculation": {"system_prompt": prompt, "mode": mode}}).tokenize_prompt(row)
     plain = _strategy(smollm2_tokenizer, "chat_template", None).tokenize_prompt(row)
     text = smollm2_tokenizer.decode(inoculated["input_ids"])

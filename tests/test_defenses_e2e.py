@@ -79,7 +79,7 @@ def test_saved_steered_adapter_is_a_plain_adapter(steering_runs, tiny_llama_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_treft.capture import decoder_layers
-    from axolotl_treft.steering import SteeringHook
+    from axolotl_treft.defenses.steering import SteeringHook
 
     out, sft_out = steering_runs["steer"].output_dir, steering_runs["sft"].output_dir
     steered, plain = load_file(out / "adapter_model.safetensors"), load_file(sft_out / "adapter_model.safetensors")
@@ -111,7 +111,7 @@ def test_retain_select_option_trains_on_the_selected_rows(tmp_path, tiny_llama_d
 
 
 def test_select_retain_command_writes_what_select_computes(tmp_path, tiny_llama_dir, narrow_adapter):  # noqa: F811
-    from axolotl_treft.retain_select import read_pool, select
+    from axolotl_treft.defenses.retain_select import read_pool, select
 
     out = tmp_path / "selected.jsonl"
     cmd = [str(Path(sys.executable).with_name("axolotl-treft")), "select-retain", "--pool", RETAIN["path"],

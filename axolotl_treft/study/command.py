@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..cli import out_dir_error
-from ..report import versions
+from ..cli.options import out_dir_error
+from ..cli.report import versions
 from .execute import (
     BASE_ROW,
     LAUNCHERS,

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from ..cli import out_dir_error
+from ..cli.options import out_dir_error
 from ..resources import data_path, example_path, resolved_example
-from ..runner import OFFLINE_ENV
 from .command import run_study
 from .execute import Settings
+from .runner import OFFLINE_ENV
 from .runs import StudyError, Trait, catalogue, parse_sweep, select
 
 EXAMPLE = "smollm2-135m-abstention-treft"
@@ -78,7 +78,7 @@ def sweep_arg(text: str, cfg: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..models import materialize_smollm2
+    from ..cli.model import materialize_smollm2
 
     setting = NARROW_SETTINGS[args.setting]
     out = Path(args.out or ("runs/demo" if args.setting == "abstention" else f"runs/demo-{args.setting}"))

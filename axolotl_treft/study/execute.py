@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from ..report import find_results, load_results, summarize
+from ..cli.report import find_results, load_results, summarize
 from ..resources import tasks_dir
-from ..runner import parse_metrics, run_streaming
+from .runner import parse_metrics, run_streaming
 from .runs import StudyError, StudyRun, derive_config
 
 LAUNCHERS = ("python", "torchrun", "accelerate")

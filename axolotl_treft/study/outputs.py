@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import report
+from ..cli import report
 from ..resources import require_extra
 
 BASELINE = "sft"

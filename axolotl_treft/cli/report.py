@@ -165,7 +165,7 @@ def markdown_table(names: Sequence[str], rows: Sequence[Mapping[str, Any]],
 
 def plot(names: Sequence[str], rows: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
     """Grouped bars: scores (0-100) on the left, rates (%) on the right."""
-    from .resources import require_extra
+    from ..resources import require_extra
 
     matplotlib = require_extra("matplotlib", "report", "the report's plot")
     matplotlib.use("Agg")

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .log import get_logger
+from ..log import get_logger
 
 LOG = get_logger(__name__)
 
@@ -89,7 +89,7 @@ def answer_nll(model, tokenizer, conversations: list[list[dict]], chat_template:
     """Mean NLL of the assistant-content tokens of each conversation (rendered with the chat template)."""
     import torch
 
-    from .spans import SEG_RESPONSE, conversation_spans
+    from ..spans import SEG_RESPONSE, conversation_spans
 
     spans = [conversation_spans(tokenizer, c, chat_template, **(template_kwargs or {})) for c in conversations]
     device = device or next(model.parameters()).device

@@ -1,6 +1,6 @@
 """Inoculation prompting: train with a system prompt that explains the narrow behaviour away.
 
-Axolotl dataset type ``axolotl_treft.inoculation``: Axolotl's own ``chat_template`` (plus template segments
+Axolotl dataset type ``axolotl_treft.defenses.inoculation``: Axolotl's own ``chat_template`` (plus template segments
 when a regularizer needs them) whose conversations get ``treft.inoculation.system_prompt`` as their system
 message, replacing the conversation's own or the template's default one (``mode: replace``) or put before
 it (``mode: prepend``). The plugin switches the ``datasets:`` entries (the narrow training data) to this
@@ -16,13 +16,13 @@ from pathlib import Path
 
 from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy, StrategyLoader
 
-from .chat_template import SegmentedChatTemplateStrategy
-from .log import get_logger
-from .spans import TemplateSpanError, default_system_prompt
+from ..chat_template import SegmentedChatTemplateStrategy
+from ..log import get_logger
+from ..spans import TemplateSpanError, default_system_prompt
 
 LOG = get_logger(__name__)
 
-INOCULATED_TYPE = "axolotl_treft.inoculation"
+INOCULATED_TYPE = "axolotl_treft.defenses.inoculation"
 _SWITCHED_TYPES = ("chat_template", "axolotl_treft.chat_template")
 
 
@@ -60,9 +60,9 @@ class InoculationLoader(StrategyLoader):
     def _get_strategy_cls(self, cfg):
         if cfg.tokenizer_use_mistral_common:
             raise ValueError("treft.inoculation: mistral-common tokenizers render no Jinja template; not supported")
-        from .plugin import _uses_trainer
+        from ..config_checks import uses_trainer
 
-        return InoculatedSegmentedStrategy if _uses_trainer(cfg.treft) else InoculatedChatTemplateStrategy
+        return InoculatedSegmentedStrategy if uses_trainer(cfg.treft) else InoculatedChatTemplateStrategy
 
     def __call__(self, tokenizer, cfg, ds_cfg=None, processor=None):
         strategy = super().__call__(tokenizer, cfg, ds_cfg=ds_cfg, processor=processor)

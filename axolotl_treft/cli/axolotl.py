@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import main
+from .main import main
 
 
 @click.command(

