@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from axolotl_treft.cli import main as cli_main  # noqa: E402
+from axolotl_treft.cli.main import main as cli_main  # noqa: E402
 from axolotl_treft.cli.model import materialize_smollm2  # noqa: E402
 
 TARGET_SECONDS = 180.0

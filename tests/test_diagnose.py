@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from axolotl_treft.capture import decoder_layers, projection_modules
-from axolotl_treft.cli import main as cli_main
+from axolotl_treft.cli.main import main as cli_main
 from axolotl_treft.diagnose.engine import (
     REGIONS,
     InitialModel,

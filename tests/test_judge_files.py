@@ -241,7 +241,7 @@ def test_bad_judge_settings_are_refused(settings, message):
 
 
 def test_rejudge_refuses_bad_input_before_judging(tmp_path, capsys):
-    from axolotl_treft.cli import main
+    from axolotl_treft.cli.main import main
 
     not_samples = _write(tmp_path, "results_2026-12-01T10-00-00.json", "{}")
     offtopic = _write(

@@ -17,7 +17,7 @@ import pytest
 from axolotl.utils.config import prepare_plugins, validate_config
 from axolotl.utils.dict import DictDefault
 
-from axolotl_treft.cli import main as cli_main
+from axolotl_treft.cli.main import main as cli_main
 from tests.axolotl_runner import CPU_BASE, TRAIN_DATA
 
 PLUGIN = "axolotl_treft.TReFTPlugin"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_treft.cli import main as cli_main
+from axolotl_treft.cli.main import main as cli_main
 from axolotl_treft.cli import report
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from axolotl_treft.cli import main as cli_main
+from axolotl_treft.cli.main import main as cli_main
 from axolotl_treft.resources import example_path, resolved_example
 from axolotl_treft.study.outputs import pareto_front
 from axolotl_treft.study.runs import StudyError, catalogue, parse_sweep, select, sweep_point
