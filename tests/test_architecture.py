@@ -120,3 +120,11 @@ def test_ci_runs_the_readmes_test_command():
     ci = [shlex.split(line) for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.lstrip().startswith("#")]
     assert setup in ci and tests in ci
+
+
+def test_the_editable_install_reaches_the_top_level_folders_by_their_subpackage_names():
+    from axolotl_treft import resources
+
+    assert resources.tasks_dir() == REPO / "evals" and resources.examples_dir() == REPO / "example_yamls"
+    assert (resources.tasks_dir() / "offtopic_abstention.yaml").is_file()
+    assert resources.example_path("deepspeed/zero3").parent == REPO / "example_yamls" / "deepspeed"
