@@ -281,9 +281,12 @@ class TReFTConfig(_Block):
 
     @model_validator(mode="after")
     def _check_inoculation(self) -> TReFTConfig:
-        if self.inoculation is not None and self.kv is not None and SEG_PREFIX in TOKEN_MODES[self.kv.tokens]:
+        keys = ["treft.kv"] if isinstance(self.kv, KVConfig) else [f"treft.kv[{i}]" for i in range(len(self.kv or []))]
+        clash = [(key, kv.tokens) for key, kv in zip(keys, self.kv_terms(), strict=True)
+                 if SEG_PREFIX in TOKEN_MODES[kv.tokens]]
+        if self.inoculation is not None and clash:
             raise ValueError(
-                f"treft.inoculation: cannot be combined with treft.kv.tokens: {self.kv.tokens}. TReFT's prefix "
+                f"treft.inoculation: cannot be combined with {clash[0][0]}.tokens: {clash[0][1]}. TReFT's prefix "
                 "keeps the K/V of the prefix every evaluation prompt starts with; under inoculation the training "
                 "prefix holds the inoculation prompt, which evaluation never sees, so the term would hold the wrong "
                 "tokens and leave the evaluation prefix free. Use `tokens: postfix` or `query` (regularized in the "

@@ -11,12 +11,17 @@ from typing import Any
 
 from .spans import TOKEN_MODES
 
-REGULARIZER_KEYS = ("kv", "kl", "feature_l2")
+REGULARIZER_KEYS = ("kv", "kl", "feature_l2", "constrained_sft")
+
+
+def regularizers_on(treft: Any) -> list[str]:
+    """The regularizer keys set in a ``treft:`` block (``constrained_sft: {}``, all defaults, counts)."""
+    return [key for key in REGULARIZER_KEYS if treft.get(key) is not None and treft.get(key) is not False]
 
 
 def uses_trainer(treft: Any) -> bool:
     """Whether a ``treft:`` block (validated or raw) needs the TReFT trainer (a regularizer is on)."""
-    return bool(treft and any(treft.get(key) for key in REGULARIZER_KEYS))
+    return bool(treft and regularizers_on(treft))
 
 
 def _num_layers(base_model: str | None, trust_remote_code: bool = False) -> int | None:
@@ -49,12 +54,13 @@ def check_against_axolotl_cfg(data: dict, treft: dict) -> dict:
         kl_block["on"] = kl_block.pop(True)
     _check_trainer_features(data, treft)
     _check_layer_indices(data, treft)
+    _check_kv_duplicates(treft)
     return _checkpointing(data, treft)
 
 
 def _check_trainer_features(data: dict, treft: dict) -> None:
     """Axolotl features that cannot run with the regularizers (RL trainers, FSDP, fused kernels ...)."""
-    regularized = [k for k in REGULARIZER_KEYS if treft.get(k)]
+    regularized = regularizers_on(treft)
     if data.get("rl") and (regularized or treft.get("retain")):
         raise ValueError(
             f"rl: `rl: {data.get('rl')}` uses Axolotl's preference/RL trainers, and treft."
@@ -85,9 +91,10 @@ def _check_trainer_features(data: dict, treft: dict) -> None:
             "treft.kv: `lora_qkv_kernel: true` fuses q/k/v and bypasses the k_proj/v_proj modules TReFT hooks; "
             "set `lora_qkv_kernel: false`"
         )
-    if treft.get("kl") and (data.get("liger_fused_linear_cross_entropy") or data.get("cut_cross_entropy")):
+    logit_terms = [k for k in ("kl", "constrained_sft") if k in regularized]
+    if logit_terms and (data.get("liger_fused_linear_cross_entropy") or data.get("cut_cross_entropy")):
         raise ValueError(
-            "treft.kl: needs the model's logits, which `liger_fused_linear_cross_entropy` / "
+            f"treft.{logit_terms[0]}: needs the model's logits, which `liger_fused_linear_cross_entropy` / "
             "`cut_cross_entropy` do not materialize; disable those flags"
         )
     if treft.get("safelora") and data.get("adapter") not in ("lora", "qlora"):
@@ -112,10 +119,66 @@ def _check_layer_indices(data: dict, treft: dict) -> None:
         if bad:
             raise ValueError(f"treft.{key}.layers: index {bad[0]} out of range for a model with {n_layers} "
                              f"layers (valid: {-n_layers}..{n_layers - 1})")
+        check_no_duplicate_layers(f"treft.{key}.layers", ints, n_layers)
+    feature = treft.get("feature_l2")
+    count = feature.get("layers") if isinstance(feature, dict) else None  # the default (5) is capped instead
+    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+        n_layers = n_layers if layer_lists else _num_layers(
+            data.get("base_model_config") or data.get("base_model"), bool(data.get("trust_remote_code")))
+        check_layer_count(count, n_layers)
     for key, block in kv_blocks.items():
         if isinstance(block, dict) and block.get("tokens") not in (None, *TOKEN_MODES):
             raise ValueError(f"treft.{key}.tokens: unknown mode {block.get('tokens')!r}; choose one of "
                              f"{list(TOKEN_MODES)}")
+
+
+def check_no_duplicate_layers(key: str, layers: list[int], n_layers: int | None) -> None:
+    """The same layer twice (also as a negative and a positive index) would count its term twice."""
+    positions = [i + n_layers if i < 0 and n_layers is not None else i for i in layers]
+    for i, pos in enumerate(positions):
+        if pos in positions[:i]:
+            first = layers[positions.index(pos)]
+            same = "" if first == layers[i] else f" (= {first} in a model with {n_layers} layers)"
+            raise ValueError(f"{key}: layer {layers[i]}{same} is listed twice in {layers}; each layer would count "
+                             "twice. List each layer once")
+
+
+def check_layer_count(count: int, n_layers: int | None) -> None:
+    """``feature_l2.layers: N`` (N evenly spaced layers) must not ask for more layers than the model has."""
+    if n_layers is not None and count > n_layers:
+        raise ValueError(f"treft.feature_l2.layers: {count} layers asked, but the model has {n_layers}; give at most "
+                         f"{n_layers} (or a list of layer indices)")
+
+
+def _check_kv_duplicates(treft: dict) -> None:
+    """Two ``treft.kv`` terms on the same tokens, reference, layers and steps add up: one term counted twice."""
+    kv = treft.get("kv")
+    if not isinstance(kv, list):
+        return
+    terms = [t for t in kv if isinstance(t, dict)]
+    for j, term in enumerate(terms):
+        for i, earlier in enumerate(terms[:j]):
+            if _same_term(earlier, term):
+                raise ValueError(
+                    f"treft.kv[{j}].tokens: `{term.get('tokens', 'prefix')}` again, as treft.kv[{i}], with the same "
+                    "reference on overlapping layers and steps, so those layers count twice (the weights add up). "
+                    "Merge the two into one term (one weight), or give them disjoint `layers:` or `active_steps:`")
+
+
+def _same_term(a: dict, b: dict) -> bool:
+    if a.get("tokens", "prefix") != b.get("tokens", "prefix"):
+        return False
+    if (a.get("reference", "exact"), a.get("fixed_from")) != (b.get("reference", "exact"), b.get("fixed_from")):
+        return False
+    la, lb = a.get("layers", "all"), b.get("layers", "all")
+    if isinstance(la, list) and isinstance(lb, list) and not set(map(str, la)) & set(map(str, lb)):
+        return False
+    windows = [w for w in (a.get("active_steps"), b.get("active_steps")) if w is not None]
+    steps = [w for w in windows if isinstance(w, list | tuple) and len(w) == 2
+             and all(isinstance(x, int | float) for x in w)]
+    if len(steps) == 2:
+        return max(steps[0][0], steps[1][0]) < min(steps[0][1], steps[1][1])
+    return len(steps) == 0 or steps[0][0] == 0  # a step window against a fraction of training: overlap from step 0
 
 
 def _checkpointing(data: dict, treft: dict) -> dict:

@@ -192,11 +192,32 @@ def plot(names: Sequence[str], rows: Sequence[Mapping[str, Any]], out: str | Pat
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    out = Path(out)
+    out = plot_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=120)
+    finally:
+        plt.close(fig)
     return out
+
+
+DEFAULT_PLOT = "treft_report.png"
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def plot_path(out: str | Path) -> Path:
+    """The file ``--plot`` writes: a directory (existing, or given with a trailing ``/``) gets ``treft_report.png``
+    inside it; a name without a suffix gets ``.png``; an unknown suffix is an error."""
+    text = str(out)
+    path = Path(out).expanduser()
+    if path.is_dir() or text.endswith(("/", "\\")):
+        return path / DEFAULT_PLOT
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise ValueError(f"--plot {out}: unknown image type {path.suffix!r}; use one of {', '.join(PLOT_FORMATS)} "
+                         "or a directory")
+    return path
 
 
 def _default_name(arg: str, file: Path) -> str:
@@ -209,7 +230,9 @@ def _default_name(arg: str, file: Path) -> str:
 def main(args: argparse.Namespace) -> int:
     try:
         files = [find_results(a) for a in args.results]
-    except FileNotFoundError as e:
+        if args.plot:
+            plot_path(args.plot)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = (

@@ -16,12 +16,20 @@ from ..capture import ActivationCapture, decoder_layers, layer_positions
 from .base import CaptureStep, CapturingRegularizer, StepBatch
 
 
-def layer_indices(spec: int | list[int], n_layers: int) -> list[int]:
-    """N evenly spaced layers (first and last included), or an explicit list (negatives count from the end)."""
+def layer_indices(spec: int | list[int], n_layers: int, given: bool = False) -> list[int]:
+    """N evenly spaced layers (first and last included), or an explicit list (negatives count from the end).
+
+    A count the user ``given`` that exceeds the model's layers is an error; the default count is capped.
+    """
+    from ..config_checks import check_layer_count, check_no_duplicate_layers
+
     if isinstance(spec, int):
+        if given:
+            check_layer_count(spec, n_layers)
         n = min(spec, n_layers)
         return sorted({round(i * (n_layers - 1) / max(1, n - 1)) for i in range(n)})
-    return sorted(set(layer_positions(spec, n_layers, "treft.feature_l2.layers")))
+    check_no_duplicate_layers("treft.feature_l2.layers", spec, n_layers)
+    return sorted(layer_positions(spec, n_layers, "treft.feature_l2.layers"))
 
 
 def feature_distance(policy: list[torch.Tensor], reference: list[torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
@@ -50,7 +58,8 @@ class FeatureL2Regularizer(CapturingRegularizer):
 
     def _modules(self, model) -> list:
         layers = decoder_layers(model)
-        return [layers[i] for i in layer_indices(self.cfg.layers, len(layers))]
+        given = "layers" in self.cfg.model_fields_set
+        return [layers[i] for i in layer_indices(self.cfg.layers, len(layers), given)]
 
     def setup(self, model, reference) -> None:
         self._policy = ActivationCapture(self._modules(reference.policy))
