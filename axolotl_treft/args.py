@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from .config_checks import check_against_axolotl_cfg, check_steering_layer
+from .config_checks import check_against_axolotl_cfg, check_betas, check_steering_layer
 from .defenses.steering import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 from .spans import SEG_PREFIX, TOKEN_MODES
 
@@ -141,6 +141,18 @@ class FeatureL2Config(_Block):
         if isinstance(self.layers, list) and not self.layers:
             raise ValueError("treft.feature_l2.layers: empty list")
         return self
+
+
+class ConstrainedSFTConfig(_Block):
+    """Qi et al. 2025 Eq. 3: SFT on each response token replaced by −(2/β_t)·log σ(β_t·log(π_θ/π_aligned))."""
+
+    betas: list[float] = Field([0.5, 2.0, 2.0, 2.0, 2.0], description="β_t of response tokens t = 1..len of each turn")
+    beta_rest: float = Field(0.1, description="β_t of every later response token")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        return check_betas(data)  # finite and > 0; errors name treft.constrained_sft.betas[i] / beta_rest
 
 
 def _looks_local(path: str) -> bool:
@@ -274,6 +286,7 @@ class TReFTConfig(_Block):
     kv: KVConfig | list[KVConfig] | None = None
     kl: KLConfig | None = None
     feature_l2: FeatureL2Config | None = None
+    constrained_sft: ConstrainedSFTConfig | None = None
     retain: RetainConfig | None = None
     safelora: SafeLoRAConfig | None = None
     inoculation: InoculationConfig | None = None

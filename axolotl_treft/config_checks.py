@@ -19,6 +19,19 @@ def regularizers_on(treft: Any) -> list[str]:
     return [key for key in REGULARIZER_KEYS if treft.get(key) is not None and treft.get(key) is not False]
 
 
+def check_betas(block: Any) -> Any:
+    """``treft.constrained_sft``: every β finite and > 0, the error naming the key (``betas[2]``, ``beta_rest``)."""
+    if not isinstance(block, dict):
+        return block
+    betas = block.get("betas", [])
+    if not isinstance(betas, list):
+        raise ValueError(f"treft.constrained_sft.betas: expected a list of β values, got {betas!r}")
+    for key, beta in [*((f"betas[{i}]", b) for i, b in enumerate(betas)), ("beta_rest", block.get("beta_rest", 0.1))]:
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < float("inf"):
+            raise ValueError(f"treft.constrained_sft.{key}: {beta!r} is not a finite number > 0")
+    return block
+
+
 def uses_trainer(treft: Any) -> bool:
     """Whether a ``treft:`` block (validated or raw) needs the TReFT trainer (a regularizer is on)."""
     return bool(treft and regularizers_on(treft))

@@ -3,7 +3,8 @@
 Per training micro-step: the SFT forward runs with the regularizers' capture hooks armed; if any
 regularizer needs the reference on this batch, one shared no-grad reference pass runs over the union
 of the rows they need (on every rank, every step); then each term is computed, logged unweighted as
-``treft/<name>`` next to ``treft/sft``, and ``weight · term`` is added to the loss (a term with weight 0 is
+``treft/<name>`` next to ``treft/sft`` (the plain NLL, also when ``treft.constrained_sft`` replaces it in the
+loss), and ``weight · term`` is added to the loss (a term with weight 0 is
 logged but not added, so the run is exactly plain SFT; a K/V term's threshold and step window shape what
 is added, see :meth:`KVRegularizer.weighted`; several K/V terms also log their sum as ``treft/kv``).
 """
@@ -235,6 +236,8 @@ class TReFTTrainer(AxolotlTrainer):
             )
         terms = regularized_terms(self._treft_reference, batch, regs, states, outputs, model)
         total = sft_loss
+        for reg, state, term in zip(regs, states, terms, strict=True):  # treft.constrained_sft replaces SFT
+            total = reg.replace_sft(total, state, term)
         metrics = {"treft/sft": self._unscaled(sft_loss, num_items_in_batch)}
         scale = self._term_scale(num_items_in_batch)
         sums: dict[str, float] = {}  # several terms of one kind (treft.kv as a list): their sum as treft/<key>

@@ -36,6 +36,10 @@ def build_regularizers(treft: Any, trainer, retain_batches=None) -> list[Regular
         from .feature_l2 import FeatureL2Regularizer
 
         regs.append(FeatureL2Regularizer(cfg.feature_l2))
+    if cfg.constrained_sft is not None:
+        from .constrained_sft import ConstrainedSFTRegularizer
+
+        regs.append(ConstrainedSFTRegularizer(cfg.constrained_sft))
     return regs
 
 

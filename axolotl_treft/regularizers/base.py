@@ -176,6 +176,10 @@ class Regularizer:
                 model) -> torch.Tensor:
         raise NotImplementedError
 
+    def replace_sft(self, sft_loss: torch.Tensor, state: Any, term: torch.Tensor) -> torch.Tensor:
+        """The SFT part of the loss after this term (unchanged, except for a term that replaces it)."""
+        return sft_loss
+
     def end_step(self) -> None:
         """Called after the step's backward (stops the capture replays of gradient checkpointing)."""
 
