@@ -132,7 +132,7 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
 
 def test_sweeps_name_their_parameter_and_reuse_known_runs():
     runs = catalogue({"base_model": "m", "treft": {"kv": {"weight": 30.0, "tokens": "prefix_postfix"}}})
-    assert "treft" not in runs  # the config's own block is treft_prefix_postfix: not trained twice
+    assert runs["treft"] is runs["treft_prefix_postfix"]  # the config's own block is that run: not trained twice
     point = sweep_point(runs["kl"], "weight", 10)
     assert point.name == "kl@weight=10" and point.treft["kl"]["weight"] == 10 and runs["kl"].treft["kl"]["weight"] == 1.0
     assert sweep_point(runs["interleave"], "mix_ratio", 0.5).treft["retain"]["mix_ratio"] == 0.5

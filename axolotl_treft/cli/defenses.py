@@ -4,8 +4,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .options import out_dir_error, share
+
+
+def _local(text: str) -> Path | None:
+    """``text`` as a local path when it names one (it exists, or reads as a path rather than a hub id)."""
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return path
+    return None
+
+
+def model_path(text: str) -> str:
+    """A model: a hub id, or a local model directory that exists."""
+    path = _local(text)
+    if path is not None and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory (a local model directory or a hub id)")
+    return text
+
+
+def adapter_path(text: str) -> str:
+    """A PEFT adapter: a hub id, or a local directory with ``adapter_config.json``."""
+    path = _local(text)
+    if path is not None and not (path / "adapter_config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no adapter_config.json"
+        raise argparse.ArgumentTypeError(f"{text} {what} (a PEFT adapter directory, such as a LoRA run's "
+                                         "output_dir, or a hub id)")
+    return text
 
 
 def cmd_safelora(args: argparse.Namespace) -> int:
@@ -37,9 +64,12 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("select-retain", help="perplexity-gap retain selection (Interleaving+): write the kept rows")
     p.add_argument("--pool", required=True, help="candidate retain conversations (JSONL/JSON, `messages` lists)")
     narrow = p.add_mutually_exclusive_group(required=True)
-    narrow.add_argument("--narrow-model", default=None, help="a model finetuned on the narrow task (path or hub id)")
-    narrow.add_argument("--narrow-adapter", default=None, help="or a PEFT adapter of --base-model trained on it")
-    p.add_argument("--base-model", required=True, help="the aligned model (the one the narrow model started from)")
+    narrow.add_argument("--narrow-model", type=model_path, default=None,
+                        help="a model finetuned on the narrow task (path or hub id)")
+    narrow.add_argument("--narrow-adapter", type=adapter_path, default=None,
+                        help="or a PEFT adapter of --base-model trained on it")
+    p.add_argument("--base-model", type=model_path, required=True,
+                   help="the aligned model (the one the narrow model started from)")
     p.add_argument("--top", type=share, required=True, help="share of the scored pool to keep, in (0, 1]")
     p.add_argument("--out", required=True, help="JSONL file for the kept rows (a .scores.json report goes next to it)")
     p.add_argument("--drop-refusals", action="store_true",

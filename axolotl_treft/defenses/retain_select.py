@@ -63,9 +63,22 @@ def read_pool(path: str | Path, field_messages: str = "messages") -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# spec options selection follows (how rows are read and rendered) or that only change training (masks)
+SCORED_OPTIONS = frozenset({"path", "type", "ds_type", "field_messages", "chat_template", "chat_template_jinja",
+                            "roles_to_train", "train_on_eos", "train_on_eot", "message_field_training",
+                            "message_field_training_detail", "preprocess_shards", "trust_remote_code"})
+
+
 def check_pool_specs(specs: list[dict], key: str) -> None:
-    """Config check: each retain spec is a local conversation file with at least one answered row."""
+    """Config check: each retain spec is a local conversation file with at least one answered row, with no
+    option that would make Axolotl read or render its rows otherwise than the selection scores them."""
     for i, spec in enumerate(specs):
+        other = sorted(k for k, v in spec.items() if k not in SCORED_OPTIONS and v is not None
+                       and not (k == "split" and v == "train"))
+        if other:
+            raise ValueError(f"{key}[{i}]: treft.retain.select scores `role`/`content` messages rendered with the "
+                             f"spec's chat template and does not apply {', '.join(f'`{k}`' for k in other)}; "
+                             "write the pool file in that form and drop the option(s), or retain without `select`")
         path = Path(str(spec.get("path", "")))
         if spec.get("type") not in ("chat_template", "axolotl_treft.chat_template") or not path.is_file() or \
                 path.suffix not in (".json", ".jsonl"):
@@ -81,17 +94,42 @@ def check_pool_specs(specs: list[dict], key: str) -> None:
                              f"(field `{field}`); treft.retain.select scores answers")
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.json")  # weights, their index and configs
+
+
+def model_digest(path: str) -> str | None:
+    """sha256 over the weight and config files of a local model or adapter directory (or a local file);
+    ``None`` for a hub id, which is keyed by its name."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        files = [local]
+    elif local.is_dir():
+        files = sorted({f for pattern in WEIGHT_FILES for f in local.glob(pattern) if f.is_file()})
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def answer_nll(model, tokenizer, conversations: list[list[dict]], chat_template: str | None = None,
+def answer_nll(model, tokenizer, conversations: list[list[dict]], chat_template: str | list | None = None,
                batch_size: int = 8, device=None, template_kwargs: dict | None = None) -> list[float]:
-    """Mean NLL of the assistant-content tokens of each conversation (rendered with the chat template)."""
+    """Mean NLL of the assistant-content tokens of each conversation, rendered with the chat template (one for
+    all, or a list: one per conversation) and ``template_kwargs``."""
     import torch
 
     from ..spans import SEG_RESPONSE, conversation_spans
 
-    spans = [conversation_spans(tokenizer, c, chat_template, **(template_kwargs or {})) for c in conversations]
+    templates = chat_template if isinstance(chat_template, list) else [chat_template] * len(conversations)
+    spans = [conversation_spans(tokenizer, c, t, **(template_kwargs or {}))
+             for c, t in zip(conversations, templates, strict=True)]
     device = device or next(model.parameters()).device
     order = sorted(range(len(spans)), key=lambda i: len(spans[i].input_ids))
     result: list[float] = [math.nan] * len(spans)
@@ -146,21 +184,30 @@ def _load(path: str, dtype, device, adapter: str | None = None):
     return model.to(device).eval()
 
 
+def _per_row(value, n: int) -> list:
+    return list(value) if isinstance(value, list) else [value] * n
+
+
 def select(pool: list[dict], base_model: str, top: float, narrow_model: str | None = None,
            narrow_adapter: str | None = None, drop_refusals: bool = False, epsilon: float = 1e-3,
-           field_messages: str = "messages", chat_template: str | None = None, dtype: str = "float32",
-           device: str | None = None, batch_size: int = 8) -> Selection:
-    """Score ``pool`` with the aligned ``base_model`` and the narrow model (or base + ``narrow_adapter``)."""
+           field_messages: str | list[str] = "messages", chat_template: str | list | None = None,
+           dtype: str = "float32", device: str | None = None, batch_size: int = 8, tokenizer=None,
+           template_kwargs: dict | None = None) -> Selection:
+    """Score ``pool`` with the aligned ``base_model`` and the narrow model (or base + ``narrow_adapter``).
+
+    ``field_messages`` and ``chat_template`` are one for the pool or a list with one per row (rows of several
+    retain files); ``tokenizer`` (default: ``base_model``'s) and ``template_kwargs`` render every row."""
     import torch
     from transformers import AutoTokenizer
 
     if (narrow_model is None) == (narrow_adapter is None):
         raise ValueError("give exactly one of narrow_model and narrow_adapter")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_model)
+    fields, row_templates = _per_row(field_messages, len(pool)), _per_row(chat_template, len(pool))
     candidates, dropped, unanswered = {}, [], []
     for i, row in enumerate(pool):
-        messages = _messages(row, field_messages) if isinstance(row, dict) else None
+        messages = _messages(row, fields[i]) if isinstance(row, dict) else None
         said = answers(messages or [])
         if not said:
             unanswered.append(i)
@@ -172,23 +219,26 @@ def select(pool: list[dict], base_model: str, top: float, narrow_model: str | No
         raise ValueError("the pool has no answered candidate left to score"
                          + (" after the refusal filter" if dropped else ""))
     convs = list(candidates.values())
+    templates = [row_templates[i] for i in candidates]
+    score = {"tokenizer": tokenizer, "conversations": convs, "chat_template": templates, "batch_size": batch_size,
+             "device": device, "template_kwargs": template_kwargs}
     if narrow_adapter is not None:  # one model: the adapter on (narrow) and off (aligned)
         model = _load(base_model, dtype, device, adapter=narrow_adapter)
-        narrow = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+        narrow = answer_nll(model, **score)
         with model.disable_adapter():
-            aligned = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+            aligned = answer_nll(model, **score)
     else:
         model = _load(base_model, dtype, device)
-        aligned = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+        aligned = answer_nll(model, **score)
         del model
         model = _load(narrow_model, dtype, device)
-        narrow = answer_nll(model, tokenizer, convs, chat_template, batch_size, device)
+        narrow = answer_nll(model, **score)
     del model
     scores = dict(zip(candidates, gap_scores(narrow, aligned, epsilon), strict=True))
     kept = top_indices(scores, top)
     report = {
         "base_model": base_model, "narrow_model": narrow_model, "narrow_adapter": narrow_adapter, "top": top,
-        "epsilon": epsilon, "drop_refusals": drop_refusals, "pool": len(pool), "scored": len(scores),
+        "epsilon": epsilon, "drop_refusals": drop_refusals, "dtype": dtype, "pool": len(pool), "scored": len(scores),
         "dropped_refusals": dropped, "unanswered": unanswered, "selected": kept,
         "rows": [{"index": i, "nll_narrow": n, "nll_aligned": a, "score": scores[i]}
                  for i, n, a in zip(candidates, narrow, aligned, strict=True)],
@@ -217,42 +267,69 @@ def _summary(report: dict) -> str:
 # ----------------------------------------------------------------------------------------- entry points
 
 
+def _config_dtype(cfg) -> str:
+    """The dtype the run trains in (Axolotl's ``torch_dtype``, from ``bf16`` / ``fp16``)."""
+    return str(cfg.torch_dtype or "float32").removeprefix("torch.")
+
+
+def _startup_key(cfg, specs: list[dict], templates: list, tokenizer, dtype: str) -> str:
+    """Every input of the selection: pool files, each spec's options, both models (the narrow one by its
+    weights), the tokenizer and chat templates that render the pool, the template kwargs, dtype and settings."""
+    block = cfg.treft.retain.select
+    narrow = block.get("narrow_adapter") or block.get("narrow_model")
+    inputs = {
+        "pools": [hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() for s in specs],
+        "specs": [{k: v for k, v in s.items() if k != "path"} for s in specs],
+        "settings": {k: block.get(k) for k in ("narrow_model", "narrow_adapter", "top", "drop_refusals", "epsilon")},
+        "narrow_weights": model_digest(str(narrow)), "base_model": str(cfg.base_model),
+        "tokenizer": [str(cfg.tokenizer_config or cfg.base_model), len(tokenizer)], "templates": templates,
+        "template_kwargs": dict(cfg.chat_template_kwargs or {}), "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def select_at_startup(cfg) -> None:
     """``treft.retain.select``: score the retain files, write the selection, and retain on it instead.
 
-    Rank 0 scores and writes ``<dataset_prepared_path>/treft_retain_select/<key>.jsonl``; the other ranks
-    wait and read it. The key covers the pool files, models and settings, so a finished selection is reused.
+    The pool is rendered as the run renders its data (the config's tokenizer, each spec's chat template,
+    ``chat_template_kwargs``) and scored in the run's dtype. Rank 0 scores the specs' rows together and
+    writes ``<dataset_prepared_path>/treft_retain_select/<key>.<i>.jsonl`` with the kept rows of spec ``i``;
+    the other ranks wait and read them; each spec trains on its kept rows with its own options. The key
+    covers every input (:func:`_startup_key`), so only a finished selection of the same inputs is reused.
     """
     from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
+    from axolotl.loaders import load_tokenizer
+    from axolotl.utils.chat_templates import get_chat_template_from_config
     from axolotl.utils.distributed import is_main_process, zero_first
 
     retain, block = cfg.treft.retain, cfg.treft.retain.select
     specs = [dict(s) for s in retain.datasets]
-    digests = [hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() for s in specs]
-    settings = {k: block.get(k) for k in ("narrow_model", "narrow_adapter", "top", "drop_refusals", "epsilon")}
-    adapter = block.get("narrow_adapter")
-    if adapter and (Path(adapter) / "adapter_model.safetensors").is_file():
-        settings["adapter_digest"] = hashlib.sha256((Path(adapter) / "adapter_model.safetensors").read_bytes()).hexdigest()
-    key = hashlib.sha256(json.dumps([digests, settings, str(cfg.base_model)], sort_keys=True).encode()).hexdigest()[:16]
+    tokenizer = load_tokenizer(cfg)
+    templates = [get_chat_template_from_config(cfg=cfg, ds_cfg=s, tokenizer=tokenizer) for s in specs]
+    fields = [s.get("field_messages") or "messages" for s in specs]
+    dtype = _config_dtype(cfg)
+    key = _startup_key(cfg, specs, templates, tokenizer, dtype)
     root = Path(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH) / "treft_retain_select"
-    out = root / f"{key}.jsonl"
+    outs = [root / f"{key}.{i}.jsonl" for i in range(len(specs))]
     with zero_first(is_main_process()):
-        if out.is_file():
-            LOG.info("treft.retain.select: reusing %s", out)
+        if all(out.is_file() for out in outs):
+            LOG.info("treft.retain.select: reusing %s", ", ".join(map(str, outs)))
         else:
-            pool = []
-            fields = {s.get("field_messages") or "messages" for s in specs}
-            if len(fields) > 1:
-                raise ValueError("treft.retain.select: the retain files use different `field_messages`")
-            field = fields.pop()
-            for spec in specs:
-                pool += read_pool(spec["path"], field)
-            selection = select(pool, str(cfg.base_model), block.top, block.get("narrow_model"), adapter,
-                               bool(block.drop_refusals), float(block.epsilon), field_messages=field)
-            write_selection(selection, out)
-            LOG.info("treft.retain.select: %s → %s", _summary(selection.report), out)
-    first = specs[0]
-    retain.datasets = [{**first, "path": str(out.resolve())}]
+            pools = [read_pool(s["path"], f) for s, f in zip(specs, fields, strict=True)]
+            owner = [i for i, rows in enumerate(pools) for _ in rows]
+            selection = select([r for rows in pools for r in rows], str(cfg.base_model), block.top,
+                               block.get("narrow_model"), block.get("narrow_adapter"), bool(block.drop_refusals),
+                               float(block.epsilon), field_messages=[fields[i] for i in owner],
+                               chat_template=[templates[i] for i in owner], dtype=dtype, tokenizer=tokenizer,
+                               template_kwargs=dict(cfg.chat_template_kwargs or {}))
+            kept = [[selection.rows[n] for n, j in enumerate(selection.report["selected"]) if owner[j] == i]
+                    for i in range(len(specs))]
+            for i, rows in enumerate(kept):
+                write_selection(Selection(rows, {**selection.report, "spec": i}), outs[i])
+            LOG.info("treft.retain.select: %s → %s", _summary(selection.report), ", ".join(map(str, outs)))
+    counts = [len(out.read_text().splitlines()) for out in outs]
+    retain.datasets = [{**spec, "path": str(out.resolve())} for spec, out, n in zip(specs, outs, counts, strict=True)
+                       if n]
 
 
 def main(args) -> int:
@@ -270,9 +347,15 @@ def main(args) -> int:
     except ValueError as err:
         print(f"axolotl-treft select-retain: {err}", file=sys.stderr)
         return 2
-    selection = select(read_pool(pool_path, args.field_messages), args.base_model, args.top, args.narrow_model,
-                       args.narrow_adapter, args.drop_refusals, args.epsilon, field_messages=args.field_messages,
-                       dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+    try:
+        selection = select(read_pool(pool_path, args.field_messages), args.base_model, args.top, args.narrow_model,
+                           args.narrow_adapter, args.drop_refusals, args.epsilon, field_messages=args.field_messages,
+                           dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+    except OSError as err:  # a model or adapter that does not load (a hub id offline, a broken directory)
+        print(f"axolotl-treft select-retain: error: loading --base-model {args.base_model} / --narrow-"
+              f"{'adapter' if args.narrow_adapter else 'model'} {args.narrow_adapter or args.narrow_model}: {err}",
+              file=sys.stderr)
+        return 2
     write_selection(selection, out)
     print(f"{_summary(selection.report)}\nwrote {out} and {out.name}.scores.json")
     return 0

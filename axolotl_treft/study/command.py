@@ -30,16 +30,31 @@ from .execute import (
     check_tasks,
     diagnose_sft,
     evaluate,
-    fingerprint,
+    evaluation_only,
     plan_study,
     shell,
     train,
     write_config,
 )
+from .keys import fingerprint, input_digests
 from .outputs import add_changes, add_learned, findings, format_table, markdown, plot_bars, plot_pareto
-from .runs import StudyError, StudyRun, Trait, catalogue, load_config, load_run_file, parse_sweep, select
+from .runner import UNFINISHED, Stopped, stop_on_signals, write_atomic
+from .runs import (
+    DEFAULT_PTST_PROMPT,
+    StudyError,
+    StudyRun,
+    Trait,
+    catalogue,
+    load_config,
+    load_run_file,
+    parse_sweep,
+    select,
+)
+from .validate import validate_plans
 
 DEFAULT_TASKS = ("offtopic",)
+CPU_EVAL_BATCH_SIZE = 8  # lm-eval's `auto` search has no memory limit to hit on the CPU
+INTERNAL_FIGURES = ("fingerprint", "model_digest", "upstream")  # in train.json, not in the study's table
 
 
 def dry_run(base_cmd: list[str], plans: Sequence[RunPlan], out: Path, settings: Settings,
@@ -51,7 +66,9 @@ def dry_run(base_cmd: list[str], plans: Sequence[RunPlan], out: Path, settings: 
     lines += [f"export {k}={shlex.quote(v)}" for k, v in settings.env.items()]
     for plan in plans:
         write_config(plan)
-        lines += ["", f"# {plan.run.name}: {plan.run.label}", shell(plan.train_cmd), shell(plan.eval_cmd)]
+        train_line = f"# evaluation only: the model of run {plan.run.eval_of}" if plan.run.eval_of else \
+            shell(plan.train_cmd)
+        lines += ["", f"# {plan.run.name}: {plan.run.label}", train_line, shell(plan.eval_cmd)]
     lines += ["", "# the base model (reference row)", shell(base_cmd)]
     script = out / "commands.sh"
     script.write_text("\n".join(lines) + "\n")
@@ -63,25 +80,45 @@ def dry_run(base_cmd: list[str], plans: Sequence[RunPlan], out: Path, settings: 
 
 def run_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Settings, *, command: str, title: str,
               diagnose: bool = False, dry: bool = False, notes: Sequence[str] = (), log: Log = print) -> int:
-    """Plan, check, train and evaluate every run, then write the table, JSON, Markdown and plots."""
+    """Plan, validate, train and evaluate every run, then write the table, JSON, Markdown and plots.
+
+    SIGTERM, SIGINT and SIGHUP stop the running child with its whole process tree, leave its run directory
+    marked unfinished (a re-run redoes it) and return ``128 + signal``."""
     check_tasks(settings.tasks)
     out = out.resolve()
     base_cmd, plans = plan_study(cfg, runs, out, settings, log)
     for note in notes:
         log(note)
-    if dry:
-        return dry_run(base_cmd, plans, out, settings, log)
-    check_reusable(plans, settings)
+    with stop_on_signals():
+        try:
+            validate_plans(plans, settings, log)
+            if dry:
+                return dry_run(base_cmd, plans, out, settings, log)
+            check_reusable(plans, settings)
+            return _study(cfg, plans, base_cmd, out, settings, command=command, title=title, diagnose=diagnose,
+                          log=log)
+        except Stopped as stop:
+            unfinished = sorted(str(p.parent) for p in out.glob(f"*/{UNFINISHED}"))
+            print(f"{' '.join(command.split()[:2])}: stopped by {stop.name}; the running step was stopped with its "
+                  "whole process tree" + (f"; unfinished (a re-run redoes them): {', '.join(unfinished)}"
+                                          if unfinished else ""), file=sys.stderr)
+            return 128 + stop.signum
+
+
+def _study(cfg: Mapping, plans: Sequence[RunPlan], base_cmd: list[str], out: Path, settings: Settings, *,
+           command: str, title: str, diagnose: bool, log: Log) -> int:
     log(f"Study: {len(plans)} runs ({', '.join(p.run.name for p in plans)}) and the base model → {out}")
     rows: dict[str, dict[str, Any]] = {}
     for i, plan in enumerate(plans, 1):
         log(f"== run {i}/{len(plans)}: {plan.run.name}")
-        trained = train(plan, settings, log)
+        trained = evaluation_only(plan, plans, settings) if plan.run.eval_of else train(plan, settings, log)
         evaluated = evaluate(plan.run.name, plan.eval_cmd, plan.dir, trained["fingerprint"], settings, log)
         rows[plan.run.name] = {"label": plan.run.label, "treft": plan.run.treft, **evaluated["metrics"],
-                               **{k: v for k, v in trained.items() if k != "fingerprint"},
+                               **{k: v for k, v in trained.items() if k not in INTERNAL_FIGURES},
                                "eval_seconds": evaluated["eval_seconds"], "results": evaluated["results"]}
-    base = evaluate(BASE_ROW, base_cmd, out / BASE_ROW, fingerprint(cfg["base_model"]), settings, log)
+    base_key = fingerprint({"base_model": cfg["base_model"],
+                            "inputs": input_digests({"base_model": cfg["base_model"]}, settings.cwd)})
+    base = evaluate(BASE_ROW, base_cmd, out / BASE_ROW, base_key, settings, log)
     rows = {BASE_ROW: {"label": "base model (no finetuning)", **base["metrics"], "results": base["results"]}, **rows}
     diagnosis = diagnose_sft(plans[0], cfg, settings, log) if diagnose and plans[0].run.treft is None else None
     add_changes(rows)
@@ -97,14 +134,39 @@ def run_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Setti
     print("\n" + format_table(rows))
     for line in meta["findings"]:
         print(line)
-    (out / "study.json").write_text(json.dumps({"meta": meta, "runs": rows, "diagnosis": diagnosis}, indent=1,
-                                               default=str))
-    (out / "study.md").write_text(markdown(rows, meta) + "\n")
+    write_atomic(out / "study.json", json.dumps({"meta": meta, "runs": rows, "diagnosis": diagnosis}, indent=1,
+                                                default=str))
+    write_atomic(out / "study.md", markdown(rows, meta) + "\n")
     written = [out / "study.json", out / "study.md", plot_bars(rows, out / "study.png")]
     if (pareto := plot_pareto(rows, out / "pareto.png", title)) is not None:
         written.append(pareto)
     print("\nwrote " + ", ".join(map(str, written)))
     return 0
+
+
+def eval_batch_size(value: str | None, device: str | None) -> str:
+    """``--eval-batch-size``: a number as given; by default ``auto`` on a GPU and a fixed size on the CPU.
+
+    lm-eval's ``auto`` finds the largest batch by running out of GPU memory; on the CPU nothing runs out, so
+    the search grows into the machine's RAM (18 GB for a 135M model and a 4-document task) and swaps."""
+    on_gpu = device.startswith("cuda") if device else _cuda_available()
+    if value is None:
+        return "auto" if on_gpu else str(CPU_EVAL_BATCH_SIZE)
+    if value.split(":")[0] == "auto":
+        if not on_gpu:
+            raise StudyError(f"--eval-batch-size {value}: lm-eval's automatic search finds the largest batch by "
+                             "running out of GPU memory; on the CPU it grows until the machine swaps. Give a "
+                             f"number (default on the CPU: {CPU_EVAL_BATCH_SIZE})")
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise StudyError(f"--eval-batch-size must be a positive number or `auto` (GPU), got {value!r}")
+    return value
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def csv(text: str | None) -> list[str] | None:
@@ -118,7 +180,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise StudyError(f"--limit must be >= 1, got {args.limit}")
     return Settings(tasks=tuple(csv(args.tasks) or DEFAULT_TASKS), launcher=args.launcher,
                     launcher_args=tuple(shlex.split(args.launcher_args or "")), max_steps=args.max_steps,
-                    limit=args.limit, max_gen_toks=args.max_gen_toks, eval_batch_size=str(args.eval_batch_size),
+                    limit=args.limit, max_gen_toks=args.max_gen_toks,
+                    eval_batch_size=eval_batch_size(args.eval_batch_size, args.device),
                     device=args.device, cwd=Path.cwd())
 
 
@@ -131,11 +194,11 @@ def main(args: argparse.Namespace) -> int:
                 raise StudyError("--trait-prompt adds the inoculation and steering runs; steering also needs "
                                  "--steering-layer (a decoder layer index, e.g. the middle one)")
             trait = Trait(args.trait_prompt, args.steering_layer)
-        runs = catalogue(cfg, trait)
+        runs = catalogue(cfg, trait, args.ptst_prompt)
         default = ["sft", "treft" if "treft" in runs else "treft_prefix_postfix", "interleave", "kl"]
         if args.run_file:  # its runs first, in its order; they replace catalogue runs of the same name
             from_file = load_run_file(args.run_file)
-            runs = {**from_file, **{n: r for n, r in runs.items() if n not in from_file}}
+            runs = {**from_file, **{n: r for n, r in runs.items() if n not in from_file and r.name not in from_file}}
             default = list(from_file)
         chosen, notes = select(runs, csv(args.runs), [parse_sweep(s) for s in args.sweep or []], default)
         out = Path(args.out or f"runs/study-{Path(args.config).stem}")
@@ -160,6 +223,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", "--steps", type=int, default=None, help="max training steps per run")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     p.add_argument("--dry-run", action="store_true", help="write the configs and commands.sh, run nothing")
+    p.add_argument("--ptst-prompt", default=DEFAULT_PTST_PROMPT, metavar="TEXT",
+                   help="the safety system prompt of the `ptst` run (the SFT model evaluated with it; default: the safety "
+                        "paragraph of Llama-2-chat's system prompt)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,7 +237,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "docs/evaluation.md)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="python", help="how `axolotl train` launches (default python)")
     p.add_argument("--launcher-args", default=None, help="passed to the launcher after `--`, e.g. '--nproc_per_node 4'")
-    p.add_argument("--eval-batch-size", default="auto", help="lm_eval --batch_size (default auto)")
+    p.add_argument("--eval-batch-size", default=None,
+                   help=f"lm_eval --batch_size (default: auto on a GPU, {CPU_EVAL_BATCH_SIZE} on the CPU)")
     p.add_argument("--max-gen-toks", type=int, default=None, help="max new tokens at evaluation (default: the task's)")
     p.add_argument("--device", default=None, help="lm_eval --device (default: cuda if available)")
     p.add_argument("--diagnose", action="store_true",

@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = example_config(model, setting)
         if args.learning_rate is not None:
             cfg["learning_rate"] = args.learning_rate
-        runs = catalogue(cfg, demo_trait(setting))
+        runs = catalogue(cfg, demo_trait(setting), args.ptst_prompt)
         sweeps = [parse_sweep(sweep_arg(s, cfg)) for s in args.sweep or []]
         chosen, notes = select(runs, args.runs.split(",") if args.runs else (["sft"] if sweeps else None), sweeps,
                                DEFAULT_RUNS)

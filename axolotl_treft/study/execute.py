@@ -10,12 +10,10 @@ list and the ``treft:`` block.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +25,8 @@ import yaml
 
 from ..cli.report import find_results, load_results, summarize
 from ..resources import tasks_dir
-from .runner import parse_metrics, run_streaming
+from .keys import eval_key, fingerprint, input_digests, trained_digest
+from .runner import UNFINISHED, Stopped, mark_unfinished, parse_metrics, run_streaming, write_atomic
 from .runs import StudyError, StudyRun, derive_config
 
 LAUNCHERS = ("python", "torchrun", "accelerate")
@@ -61,6 +60,7 @@ class RunPlan:
     overrides: dict[str, Any]
     train_cmd: list[str]
     eval_cmd: list[str]
+    upstream: RunPlan | None = None  # the run whose trained model this one's retain selection scores with
 
     @property
     def model_dir(self) -> Path:
@@ -119,7 +119,7 @@ def model_args(cfg: Mapping, model: str, adapter: str | None, tokenizer: str | N
     return ",".join(args)
 
 
-def eval_command(cfg: Mapping, args: str, output: Path, settings: Settings) -> list[str]:
+def eval_command(cfg: Mapping, args: str, output: Path, settings: Settings, system: str | None = None) -> list[str]:
     cmd = [executable("lm_eval"), "--model", "hf", "--model_args", args, "--apply_chat_template",
            "--include_path", str(tasks_dir()), "--tasks", ",".join(settings.tasks), "--batch_size",
            settings.eval_batch_size, "--output_path", str(output), "--log_samples", "--seed", "0"]
@@ -129,6 +129,8 @@ def eval_command(cfg: Mapping, args: str, output: Path, settings: Settings) -> l
         cmd += ["--gen_kwargs", f"max_gen_toks={settings.max_gen_toks}"]
     if settings.limit:
         cmd += ["--limit", str(settings.limit)]
+    if system:  # PTST: lm-eval puts it before the task's own description, as the system message
+        cmd += ["--system_instruction", system]
     return cmd
 
 
@@ -141,8 +143,8 @@ def plan_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Sett
                log: Log = print) -> tuple[list[str], list[RunPlan]]:
     """The base model's evaluation command and every run's plan (derived config, commands)."""
     out = out.resolve()
-    plans = []
-    trained = {}
+    plans: list[RunPlan] = []
+    trained: dict[str, Path] = {}
     for run in runs:
         derived, notes = derive_config(cfg, run)
         for note in notes:
@@ -159,18 +161,22 @@ def plan_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Sett
             select = derived["treft"]["retain"]["select"]
             key = "narrow_adapter" if is_adapter(cfg) else "narrow_model"
             select[key] = str(trained[run.narrow_from])
-        trained[run.name] = run_dir / "model"
+        if run.eval_of and run.eval_of not in trained:
+            raise StudyError(f"run {run.name} evaluates the trained model of run {run.eval_of}, which must be in "
+                             "the study before it")
+        trained[run.name] = trained[run.eval_of] if run.eval_of else run_dir / "model"
         train_cmd = [executable("axolotl"), "train", str(run_dir / "config.yml"), "--launcher", settings.launcher]
         for key, value in overrides.items():
             train_cmd += [f"--{key.replace('_', '-')}", str(value)]
         if settings.launcher_args:
             train_cmd += ["--", *settings.launcher_args]
-        model = run_dir / "model"
+        model = trained[run.name]
         tokenizer = str(model) if _custom_template(cfg) else None
         args = model_args(cfg, cfg["base_model"], str(model), tokenizer) if is_adapter(cfg) else \
             model_args(cfg, str(model), None, None)
+        upstream = next((p for p in plans if p.run.name == run.narrow_from), None)
         plans.append(RunPlan(run, run_dir, derived, overrides, train_cmd,
-                             eval_command(cfg, args, run_dir / "lm_eval", settings)))
+                             eval_command(cfg, args, run_dir / "lm_eval", settings, run.system_prompt), upstream))
     check_output_dirs(plans, settings.cwd)
     base_tokenizer = str(plans[0].model_dir) if _custom_template(cfg) and plans else None
     base_cmd = eval_command(cfg, model_args(cfg, cfg["base_model"], None, base_tokenizer), out / BASE_ROW / "lm_eval",
@@ -201,26 +207,22 @@ def check_output_dirs(plans: Sequence[RunPlan], cwd: Path) -> None:
 # ------------------------------------------------------------------------------------------ fingerprints
 
 
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def data_digests(cfg: Mapping, cwd: Path) -> dict[str, str]:
-    """sha256 of every local data file the config trains on (training and retain datasets)."""
-    retain = (cfg.get("treft") or {}).get("retain") or {}
-    specs = [*(cfg.get("datasets") or []), *retain.get("datasets", [])]
-    files = sorted({str(s["path"]) for s in specs if isinstance(s, Mapping) and "path" in s})
-    found = {f: cwd / f for f in files}
-    return {f: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for f, p in found.items() if p.is_file()}
-
-
 def train_key(plan: RunPlan, settings: Settings) -> str:
+    """Every input of the run: derived config, overrides, the local files and directories it names, and the
+    key of its upstream run (the path of the upstream's model is keyed by that, not by its current files)."""
+    skip = frozenset({str(plan.upstream.model_dir)}) if plan.upstream else frozenset()
     return fingerprint({"config": plan.config, "overrides": plan.overrides,
-                        "data": data_digests(plan.config, settings.cwd)})
+                        "inputs": input_digests(plan.config, settings.cwd, skip),
+                        "upstream": train_key(plan.upstream, settings) if plan.upstream else None})
 
 
-def eval_key(train: str, cmd: Sequence[str]) -> str:
-    return fingerprint({"train": train, "eval": list(cmd[1:])})
+def upstream_weights(plan: RunPlan) -> dict[str, str | None]:
+    """The weights the upstream run produced, as its ``train.json`` records them ({} without an upstream)."""
+    if plan.upstream is None:
+        return {}
+    done = plan.upstream.dir / "train.json"
+    figures = json.loads(done.read_text()) if done.exists() else {}
+    return {plan.upstream.run.name: figures.get("model_digest")}
 
 
 def _cached(path: Path, key: str) -> dict | None:
@@ -251,6 +253,13 @@ def _env(settings: Settings) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": path, **settings.env}
 
 
+def evaluation_only(plan: RunPlan, plans: Sequence[RunPlan], settings: Settings) -> dict:
+    """What an evaluation-only run (``ptst``) has in place of training: its source run's key (trained before)."""
+    source = next(p for p in plans if p.run.name == plan.run.eval_of)
+    return {"fingerprint": _cached(source.dir / "train.json", train_key(source, settings))["fingerprint"],
+            "eval_only": f"the model of run {source.run.name}, evaluated with a system prompt"}
+
+
 def write_config(plan: RunPlan) -> Path:
     plan.dir.mkdir(parents=True, exist_ok=True)
     path = plan.dir / "config.yml"
@@ -258,13 +267,49 @@ def write_config(plan: RunPlan) -> Path:
     return path
 
 
+def run_step(cmd: list[str], settings: Settings, log_path: Path, what: str,
+             on_line: Log | None = None) -> tuple[int, str]:
+    """``cmd`` in its own process group, its output to ``log_path``; stopped with its tree by a stop signal
+    (the run directory is then marked unfinished, and the :class:`Stopped` goes on)."""
+    try:
+        returncode, output = run_streaming(cmd, settings.cwd, _env(settings), on_line=on_line)
+    except Stopped as stop:
+        log_path.write_text(stop.output)
+        mark_unfinished(log_path.parent, f"{what} stopped by {stop.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+                                         "a re-run of the study redoes it")
+        raise
+    log_path.write_text(output)
+    return returncode, output
+
+
+def _reusable_training(plan: RunPlan, key: str, log: Log) -> dict | None:
+    """The finished run's figures, unless its upstream run has trained again since (then: None)."""
+    done = plan.dir / "train.json"
+    if (figures := _cached(done, key)) is None:
+        return None
+    if figures.get("upstream", {}) != upstream_weights(plan):
+        log(f"[{plan.run.name}] its upstream run {plan.upstream.run.name} was trained again since: training again")
+        return None
+    log(f"[{plan.run.name}] training already finished, reusing {done}")
+    return figures
+
+
+def _reset(plan: RunPlan, settings: Settings) -> None:
+    """Before (re)training: nothing of an earlier attempt is left to be taken for this one's."""
+    for name in ("train.json", "eval.json", "diagnose.key"):
+        (plan.dir / name).unlink(missing_ok=True)
+    for path in output_dirs(plan, settings.cwd):
+        if path.is_dir() and path.is_relative_to(plan.dir):
+            shutil.rmtree(path)
+    mark_unfinished(plan.dir, f"training started at {time.strftime('%Y-%m-%d %H:%M:%S')} and has not finished")
+
+
 def train(plan: RunPlan, settings: Settings, log: Log) -> dict:
     """``axolotl train`` through the chosen launcher; the figures of the finished run."""
-    done = plan.dir / "train.json"
     key = train_key(plan, settings)
-    if (figures := _cached(done, key)) is not None:
-        log(f"[{plan.run.name}] training already finished, reusing {done}")
+    if (figures := _reusable_training(plan, key, log)) is not None:
         return figures
+    _reset(plan, settings)
     write_config(plan)
     log(f"[{plan.run.name}] training: {plan.run.label} ...")
     steps = 0
@@ -277,8 +322,7 @@ def train(plan: RunPlan, settings: Settings, log: Log) -> dict:
             log(f"[{plan.run.name}] step {steps}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
 
     start = time.time()
-    returncode, output = run_streaming(plan.train_cmd, settings.cwd, _env(settings), on_line=progress)
-    (plan.dir / "train.log").write_text(output)
+    returncode, output = run_step(plan.train_cmd, settings, plan.dir / "train.log", "training", progress)
     metrics = parse_metrics(output)
     if returncode != 0 or not metrics:
         raise StudyError(f"[{plan.run.name}] axolotl train failed (exit {returncode}); see {plan.dir / 'train.log'}")
@@ -291,8 +335,11 @@ def train(plan: RunPlan, settings: Settings, log: Log) -> dict:
         "peak_gpu_gib": max(peaks) if peaks and max(peaks) > 0 else None,  # Axolotl logs 0 without a GPU
         "final_sft_loss": float(last.get("treft/sft", last["loss"])),
         "final_terms": {k: float(v) for k, v in last.items() if k.startswith("treft/") and k != "treft/sft"},
+        "model_digest": trained_digest(output_dirs(plan, settings.cwd)),
+        "upstream": upstream_weights(plan),
     }
-    done.write_text(json.dumps(figures, indent=1))
+    write_atomic(plan.dir / "train.json", json.dumps(figures, indent=1))
+    (plan.dir / UNFINISHED).unlink(missing_ok=True)
     return figures
 
 
@@ -304,17 +351,17 @@ def evaluate(name: str, cmd: list[str], run_dir: Path, train: str, settings: Set
         log(f"[{name}] evaluation already finished, reusing {done}")
         return figures
     run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"[{name}] evaluating {','.join(settings.tasks)} with lm_eval ...")
+    log(f"[{name}] evaluating {','.join(settings.tasks)} with lm_eval (batch size {settings.eval_batch_size}) ...")
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=settings.cwd, env=_env(settings))
-    (run_dir / "lm_eval.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise StudyError(f"[{name}] lm_eval failed (exit {proc.returncode}); see {run_dir / 'lm_eval.log'}")
+    returncode, _ = run_step(cmd, settings, run_dir / "lm_eval.log", "evaluation")
+    if returncode != 0:
+        raise StudyError(f"[{name}] lm_eval failed (exit {returncode}); see {run_dir / 'lm_eval.log'}")
     results = find_results(Path(cmd[cmd.index("--output_path") + 1]))
     row = summarize(load_results(results))
     figures = {"fingerprint": key, "results": str(results), "eval_seconds": round(time.time() - start, 1),
                "metrics": {k: v for k, v in row.items() if v is not None and v != ""}}
-    done.write_text(json.dumps(figures, indent=1))
+    write_atomic(done, json.dumps(figures, indent=1))
+    (run_dir / UNFINISHED).unlink(missing_ok=True)
     return figures
 
 
@@ -338,11 +385,11 @@ def diagnose_sft(plan: RunPlan, cfg: Mapping, settings: Settings, log: Log) -> d
         log(f"[{plan.run.name}] template check already finished, reusing {where / 'diagnose.json'}")
     else:
         log(f"[{plan.run.name}] template check: axolotl-treft diagnose --patch prefix_postfix,query ...")
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=settings.cwd, env=_env(settings))
-        (plan.dir / "diagnose.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
+        returncode, _ = run_step(cmd, settings, plan.dir / "diagnose.log", "template check")
+        if returncode != 0:
             raise StudyError(f"[{plan.run.name}] axolotl-treft diagnose failed; see {plan.dir / 'diagnose.log'}")
         stamp.write_text(key)
+        (plan.dir / UNFINISHED).unlink(missing_ok=True)
     return json.loads((where / "diagnose.json").read_text())
 
 

@@ -40,12 +40,51 @@ def parse_metrics(log: str) -> list[dict]:
     return [ast.literal_eval(_BARE_NON_FINITE.sub(r"'\1'", m)) for m in _METRICS.findall(log)]
 
 
+UNFINISHED = "UNFINISHED"  # in a run directory: the run started and did not finish; a re-run redoes it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_GRACE_S = 10.0  # after SIGTERM, how long the child's tree may take to exit before SIGKILL
+
+
+class Stopped(BaseException):  # noqa: N818 - like KeyboardInterrupt: not an error, a request to stop
+    """SIGTERM, SIGINT or SIGHUP reached the study; ``output`` is the running child's output so far."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.output = ""
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While the block runs, SIGTERM, SIGINT and SIGHUP raise :class:`Stopped` in the main thread (once: a
+    second signal while the child's tree is being stopped is ignored, so the clean-up finishes)."""
+    stopping = False
+
+    def handler(signum, frame) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout: float | None = None,
                   on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
     """Run ``cmd`` in its own process group, streaming its output lines; ``(returncode, output)``.
 
-    Past ``timeout`` seconds (also when the child hangs without closing its output) the whole process group
-    is killed and ``TimeoutError`` raised, carrying the output so far.
+    Past ``timeout`` seconds (also when the child hangs without closing its output) the child's whole process
+    tree is stopped and ``TimeoutError`` raised, carrying the output so far. On any exception in the waiting
+    thread (:class:`Stopped`, ``KeyboardInterrupt``) the tree is stopped too, before the exception goes on.
     """
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
@@ -62,24 +101,60 @@ def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout: float | None = 
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        stop_tree(proc)
         reader.join(timeout=5)
         raise TimeoutError(f"{Path(cmd[0]).name} ran past {timeout}s and was killed with its process group",
                            "".join(lines)) from None
+    except Stopped as stop:
+        stop_tree(proc)
+        reader.join(timeout=5)
+        stop.output = "".join(lines)
+        raise
     finally:
-        if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): leave nothing running
-            _kill_group(proc)
+        if proc.poll() is None:  # interrupted otherwise (e.g. KeyboardInterrupt): leave nothing running
+            stop_tree(proc)
     reader.join(timeout=30)
     if reader.is_alive():  # a leftover grandchild still holds the output open
-        _kill_group(proc)
+        stop_tree(proc)
         reader.join()
     return proc.returncode, "".join(lines)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group is already gone
-        os.killpg(proc.pid, signal.SIGKILL)
+def stop_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Stop ``proc``'s whole tree: its process group and every descendant that left it (a launcher's
+    workers in a session of their own). SIGTERM first (torchrun and accelerate pass it on to their workers),
+    SIGKILL to whatever is left after ``grace`` seconds; returns once ``proc`` is reaped."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is already gone
+            os.killpg(proc.pid, sig)
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace if sig == signal.SIGTERM else None)
+        _, alive = psutil.wait_procs(tree, timeout=grace if sig == signal.SIGTERM else 5)
+        if proc.poll() is not None and not alive:
+            break
+        tree = alive
     proc.wait()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a stop signal can arrive at any line)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def mark_unfinished(run_dir: Path, text: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / UNFINISHED, text + "\n")
 
 
 def run_axolotl_train(cfg: dict, workdir: Path, env: dict | None = None, timeout: int | None = None,
