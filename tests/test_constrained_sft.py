@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
@@ -172,3 +173,28 @@ def test_axolotl_train_with_kv_and_packing(tmp_path, smollm2_dir):
     # at step 1 the policy is the reference (fresh LoRA): Δ = 0, so ℓ_t = (2/β_t)·log 2, between β = 2 and 0.1
     assert 2 * math.log(2) / 2.0 - 1e-3 < values[0] < 2 * math.log(2) / 0.1 + 1e-3
     assert run.steps[0]["loss"] == pytest.approx(values[0], rel=1e-3)
+
+
+def test_study_catalogue_ptst_is_evaluation_only_with_the_system_prompt(tmp_path, capsys):
+    from axolotl_treft.cli.main import main as cli_main
+    from axolotl_treft.resources import example_path, resolved_example
+    from axolotl_treft.study.runs import catalogue, derive_config, select
+
+    cfg_path = tmp_path / "cfg.yml"
+    cfg_path.write_text(resolved_example(example_path("smollm2-135m-abstention-treft")))
+    runs = catalogue(yaml.safe_load(cfg_path.read_text()))
+    chosen, _ = select(runs, ["all"])
+    assert {"constrained_sft", "ptst"} <= {r.name for r in chosen}
+    assert runs["ptst"].eval_of == "sft" and "evaluation only" in runs["ptst"].label
+    out = tmp_path / "study"
+    argv = ["study", str(cfg_path), "--runs", "constrained_sft,ptst", "--ptst-prompt", "Be safe.", "--tasks",
+            "offtopic_abstention", "--out", str(out), "--dry-run"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    sections = [s.removeprefix("# ") for s in (out / "commands.sh").read_text().split("\n\n")]
+    ptst = next(s for s in sections if s.startswith("ptst:"))
+    assert "axolotl train" not in ptst and "--system_instruction 'Be safe.'" in ptst
+    assert f"peft={out / 'sft' / 'model'}" in ptst and f"--output_path {out / 'ptst' / 'lm_eval'}" in ptst
+    assert "--system_instruction" not in next(s for s in sections if s.startswith("sft:"))
+    derived = yaml.safe_load((out / "constrained_sft" / "config.yml").read_text())
+    assert derived["treft"] == {"constrained_sft": {"betas": [0.5, 2.0, 2.0, 2.0, 2.0], "beta_rest": 0.1}}
+    assert derive_config({"base_model": "m"}, runs["ptst"])[0] == {"base_model": "m"}  # no treft, SFT's config
