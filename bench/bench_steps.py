@@ -37,6 +37,8 @@ CONFIGS: dict[str, dict | None] = {
     "kv_query": {"kv": {"weight": 5.0, "tokens": "query"}},
     "kv_all": {"kv": {"weight": 5.0, "tokens": "all"}},
     "kl_train": {"kl": {"weight": 0.5, "on": "train"}},
+    "kl_train_response": {"kl": {"weight": 0.5, "on": "train", "tokens": "response"}},
+    "constrained_sft": {"constrained_sft": {}},  # replaces SFT; one shared reference pass, like kl
     "feature_l2": {"feature_l2": {"weight": 1.0, "layers": 5}},
 }
 
