@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .args import kv_terms
 from .log import get_logger
@@ -100,6 +101,12 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
 
     if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names:
         return None  # streaming (iterable) datasets cannot be audited up front
+    if len(dataset) == 0:
+        raise ValueError(
+            f"treft: the training set is empty after tokenization: every row of `datasets:` ({_data_paths(cfg)}) was "
+            f"dropped. Most often every conversation is longer than `sequence_len: {cfg.sequence_len}` (Axolotl "
+            "drops those): raise `sequence_len`, set `excess_length_strategy: truncate`, or use shorter rows"
+        )
     terms = kv_terms(cfg.treft)
     audits = [(kv, audit_samples(dataset, kv.tokens)) for kv in terms] or [(None, audit_samples(dataset, None))]
     kv, audit = max(audits, key=lambda pair: len(pair[1].unregularized))  # the term with the most samples lacking
@@ -126,6 +133,66 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
         )
     LOG.warning("treft.kv: %s; they train with the SFT loss only. Examples:\n%s", detail, examples)
     return audit
+
+
+def _data_paths(cfg) -> str:
+    return ", ".join(str(ds.get("path")) for ds in cfg.datasets or []) or "none listed"
+
+
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def check_data_files(cfg) -> None:
+    """Every local JSON / JSON-lines file under ``datasets:``, ``test_datasets:`` and ``treft.retain.datasets``
+    must parse, before Axolotl loads it (its loader's error names neither the file nor the line)."""
+    retain = cfg.treft.retain if cfg.treft else None
+    lists = {"datasets": cfg.datasets, "test_datasets": cfg.test_datasets,
+             "treft.retain.datasets": retain.datasets if retain else None}
+    for key, specs in lists.items():
+        for i, spec in enumerate(specs or []):
+            for file in _local_json_files(spec):
+                check_json_file(file, f"{key}[{i}].path")
+
+
+def _local_json_files(spec) -> list[Path]:
+    spec = dict(spec)
+    names = spec.get("data_files") or [spec.get("path")]
+    names = [names] if isinstance(names, str) else names
+    files = []
+    for name in names:
+        path = Path(str(name)).expanduser() if name else None
+        if path is not None and path.is_file() and (path.suffix in JSON_SUFFIXES or spec.get("ds_type") == "json"):
+            files.append(path)
+    return files
+
+
+def check_json_file(file, key: str) -> None:
+    """A JSON document, or JSON lines each holding one object; an error names the file, the line and the fix."""
+    import json
+
+    with open(file, encoding="utf-8-sig", errors="replace") as f:
+        head = f.read(4096).lstrip()[:1]
+    if head == "[":
+        try:
+            with open(file, encoding="utf-8-sig") as f:
+                json.load(f)
+            return
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{key}: {file} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}); "
+                             "fix the file (a JSON list of rows, or JSON lines: one object a line)") from None
+    with open(file, encoding="utf-8-sig", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{key}: {file} line {n} is not valid JSON ({err.msg} at column {err.colno}): "
+                                 f"{line.strip()[:80]!r}; fix or remove that line (a JSON-lines file holds one "
+                                 "JSON object a line)") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{key}: {file} line {n} is a JSON {type(row).__name__}, not an object (a row "
+                                 "with named fields such as `messages`); fix or remove that line")
 
 
 def dataset_templates(cfg, tokenizer) -> list[str | None]:

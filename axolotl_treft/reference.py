@@ -68,9 +68,8 @@ class Reference:
         if not self.uses_adapter:
             return
         trainable = {name: p for name, p in self.policy.named_parameters() if p.requires_grad}
-        no_op = all("lora_A" in name or ("lora_B" in name and not bool(p.detach().any()))
-                    for name, p in trainable.items())
-        if no_op:
+        changed = adapter_changes(self.policy)
+        if not changed:
             return
         plugin = getattr(self.trainer.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and plugin.zero_stage == 3:
@@ -81,8 +80,8 @@ class Reference:
                 "the base model first (`axolotl merge-lora`) and train a fresh adapter on the merged model"
             )
         self._initial_adapter = {name: p.detach().clone() for name, p in trainable.items()}
-        LOG.info("treft: the adapter changes the model at step 0 (lora_model_dir?); reference passes use its "
-                 "initial weights (%d tensors kept)", len(self._initial_adapter))
+        LOG.info("treft: the adapter changes the model at step 0 (lora_model_dir?; e.g. %s); reference passes use "
+                 "its initial weights (%d tensors kept)", changed[0], len(self._initial_adapter))
 
     @contextmanager
     def _initial_adapter_weights(self) -> Iterator[None]:
@@ -151,23 +150,15 @@ class Reference:
     def _load_frozen(self) -> nn.Module:
         if self._frozen is not None:
             return self._frozen
-        from transformers import AutoModelForCausalLM
-
         cfg = self.trainer.axolotl_cfg
         policy = self.policy
-        base = cfg.base_model
-        LOG.info("treft: loading a frozen reference copy of %s for full finetuning", base)
-        ref = AutoModelForCausalLM.from_pretrained(
-            base,
-            dtype=next(policy.parameters()).dtype,
-            attn_implementation=getattr(policy.config, "_attn_implementation", None),
-            trust_remote_code=bool(cfg.trust_remote_code),
-        )
+        LOG.info("treft: loading a frozen reference copy of %s for full finetuning", cfg.base_model)
+        ref = load_like_axolotl(cfg, self.trainer.processing_class)
         ref_vocab = ref.config.get_text_config().vocab_size
         pol_vocab = policy.config.get_text_config().vocab_size
         if ref_vocab != pol_vocab:
             raise ValueError(
-                f"treft: reference model {base} has vocab {ref_vocab} but the trained model has {pol_vocab} "
+                f"treft: reference model {cfg.base_model} has vocab {ref_vocab} but the trained model has {pol_vocab} "
                 "(resized embeddings?); the KL/feature terms need matching models"
             )
         ref.requires_grad_(False)
@@ -178,9 +169,81 @@ class Reference:
             engine = prepare_deepspeed(ref, self.trainer.accelerator)
             self._frozen_engine = engine
             self._frozen = engine.module
-        else:
+        elif not getattr(ref, "is_loaded_in_8bit", False) and not getattr(ref, "is_loaded_in_4bit", False):
             self._frozen = ref.to(self.trainer.accelerator.device)
+        else:  # bitsandbytes weights stay where the loader put them
+            self._frozen = ref
         return self._frozen
+
+
+def load_like_axolotl(cfg, tokenizer) -> nn.Module:
+    """The base model loaded by Axolotl's own loader with the run's options (``revision_of_model``,
+    quantization, dtype, attention, added tokens, model kwargs), as Axolotl loads a DPO reference model.
+
+    The global RNG is left as it was: the loader runs the plugins' ``pre_model_load`` hooks (SeedPlugin seeds).
+    """
+    from axolotl.loaders import ModelLoader
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        model, _ = ModelLoader(cfg, tokenizer, reference_model=True).load()
+    return model
+
+
+def adapter_changes(policy: nn.Module) -> list[str]:
+    """Trainable adapter parameters that make the model differ from its base at step 0 (names; empty: none).
+
+    A zero ``lora_B`` adds nothing (its ``lora_A`` then does not matter); a ``modules_to_save`` copy equal to
+    the module it copies, and a DoRA magnitude equal to the norm of its unchanged base weight, change nothing.
+    """
+    params = dict(policy.named_parameters(remove_duplicate=False))  # a tied original weight under both names
+    modules = dict(policy.named_modules())
+    changed = []
+    for name, p in params.items():
+        if not p.requires_grad or "lora_A" in name:
+            continue
+        if "lora_B" in name:
+            same = not bool(p.detach().any())
+        elif ".modules_to_save." in name:
+            owner, rest = name.split(".modules_to_save.", 1)
+            original = params.get(f"{owner}.original_module.{rest.split('.', 1)[1]}")
+            same = original is not None and torch.equal(original.detach(), p.detach())
+        elif "lora_magnitude_vector" in name:
+            same = _dora_magnitude_is_base_norm(modules, name, p)
+        else:
+            same = False
+        if not same:
+            changed.append(name)
+    return changed
+
+
+def _dora_magnitude_is_base_norm(modules: dict[str, nn.Module], name: str, magnitude: torch.Tensor) -> bool:
+    """DoRA's magnitude ``m`` with a zero ``lora_B``: output ``m · W x / ‖W‖`` is the base's iff ``m == ‖W‖``."""
+    layer_name, adapter = name.split(".lora_magnitude_vector.", 1)[0], name.rsplit(".", 2)[-2]
+    layer = modules.get(layer_name)
+    lora_bs = getattr(layer, "lora_B", None)
+    lora_b = lora_bs[adapter] if lora_bs is not None and adapter in lora_bs else None
+    base = layer.get_base_layer() if layer is not None and hasattr(layer, "get_base_layer") else None
+    weight = getattr(base, "weight", None)
+    if lora_b is None or weight is None or bool(lora_b.weight.detach().any()) or weight.dim() != 2:
+        return False
+    if getattr(layer, "fan_in_fan_out", False):
+        weight = weight.T
+    norm = weight.detach().float().norm(dim=1)
+    eps = max(torch.finfo(t.dtype).eps for t in (weight, magnitude) if t.dtype.is_floating_point)
+    rtol = max(1e-4, 2 * eps)  # PEFT computes the norm in the weight's dtype
+    return norm.shape == magnitude.shape and torch.allclose(magnitude.detach().float(), norm, rtol=rtol, atol=1e-6)
+
+
+def shared_reference(trainer) -> Reference:
+    """The trainer's one reference, made when the trainer is configured (before a checkpoint loads, so a
+    continued adapter is recorded as loaded) and shared by TReFT's regularizers and persona steering."""
+    reference = getattr(trainer, "_treft_reference", None)
+    if reference is None:
+        reference = Reference(trainer)
+        reference.record_initial_adapter()
+        trainer._treft_reference = reference
+    return reference
 
 
 @contextmanager

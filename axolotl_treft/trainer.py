@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .collator import SegmentsCollator
 from .log import get_logger
-from .reference import Reference
+from .reference import Reference, shared_reference
 from .regularizers import build_regularizers
 from .regularizers.base import Regularizer, StepBatch, capture_policy, regularized_terms
 from .spans import SEGMENTS_KEY
@@ -95,10 +95,9 @@ class TReFTTrainer(AxolotlTrainer):
         self.axolotl_cfg = cfg
         self.treft_retain_stream = self._retain_stream(retain_dataset)
         self.treft_regularizers = build_regularizers(cfg.treft, self, retain_batches=self.treft_retain_stream)
-        self._treft_reference = Reference(self)
+        self._treft_reference = shared_reference(self)  # persona steering may have made it already
         for reg in self.treft_regularizers:
             reg.check_model(self._treft_reference.policy)
-        self._treft_reference.record_initial_adapter()
         self._check_zero3_checkpointing()
         self.treft_configured = True
 

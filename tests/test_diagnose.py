@@ -24,11 +24,13 @@ from axolotl_treft.diagnose.engine import (
     NeighbourTable,
     PromptBatch,
     RegionError,
+    UncachedGenerationError,
     patch_kv,
     patch_residual,
     prompt_regions,
 )
 from axolotl_treft.diagnose.loading import ModelMismatchError, attach_adapter
+from axolotl_treft.diagnose.perturb import special_ids
 from axolotl_treft.diagnose.scoring import DiagnoseLM, best_of_trials, check_task, run_task, task_manager
 from axolotl_treft.resources import tasks_dir
 from axolotl_treft.spans import SEG_POSTFIX, SEG_QUERY
@@ -261,21 +263,26 @@ def test_residual_patch_sets_the_layer_input_at_the_prefix_in_prefill_only(setup
 
 
 def test_perturbation_touches_only_the_region_with_top5_cosine_neighbours(setup, tok):
+    """Never a special token (the template's markers, BOS): neither replaced nor chosen as a neighbour."""
     model, engine, batch = setup
     emb = model.get_input_embeddings().weight[: len(tok)].float()
     normed = emb / emb.norm(dim=-1, keepdim=True)
+    special = torch.tensor(sorted(special_ids(tok)))
     mask = batch.mask("prefix")
+    words = mask & ~torch.isin(batch.input_ids, special)
+    assert (mask & ~words).any()  # the prefix holds special tokens (<|im_start|> ...)
     for k in (3, 10_000):
         with engine.applied(Intervention("perturb", "prefix", k=k, seed=7), batch) as ids:
             pass
         changed = ids != batch.input_ids
-        assert not (changed & ~mask).any()
+        assert not (changed & ~words).any()
         for r in range(ids.shape[0]):
-            assert int(changed[r].sum()) == min(k, int(mask[r].sum()))
+            assert int(changed[r].sum()) == min(k, int(words[r].sum()))
             for pos in changed[r].nonzero().flatten().tolist():
                 old, new = int(batch.input_ids[r, pos]), int(ids[r, pos])
                 cos = normed @ normed[old]
                 cos[old] = -2.0
+                cos[special] = -2.0
                 assert new != old and new in cos.topk(5).indices.tolist()
 
 
@@ -299,6 +306,93 @@ def test_neighbour_table_never_returns_the_token_itself():
     assert 3 not in table(3) and 7 in table(3) and len(table(3)) == 5
     rng = random.Random(0)
     assert all(t not in table(t) for t in rng.sample(range(50), 10))
+
+
+def test_neighbour_table_scores_in_blocks_in_the_weight_dtype_without_a_float_copy(monkeypatch):
+    """A bf16 matrix scored in blocks of a few rows gives the neighbours of the whole-matrix float32 computation;
+    excluded (special) tokens are never neighbours."""
+    from axolotl_treft.diagnose import perturb
+
+    torch.manual_seed(0)
+    emb = torch.randn(300, 16).to(torch.bfloat16)
+    monkeypatch.setattr(perturb, "CHUNK_BYTES", 7 * 4 * 16)  # 7 rows a block
+    table = NeighbourTable(emb, top=5, exclude={11, 12})
+    assert table.chunk_rows == 7 and table.embeddings.dtype == torch.bfloat16
+    full = emb.float()
+    for token in (0, 3, 150, 299):
+        scores = (full @ full[token]) / full.norm(dim=-1)
+        scores[[token, 11, 12]] = -float("inf")
+        assert table(token) == scores.topk(5).indices.tolist()
+    emb[11] = emb[3]  # the nearest neighbour of 3, but excluded
+    assert 11 not in NeighbourTable(emb, top=5, exclude={11})(3)
+
+
+def test_perturbation_never_replaces_bos(setup, tok):
+    """A tokenizer that adds BOS in front: the BOS position is part of the prefix and never replaced."""
+    model, engine, _ = setup
+    enc = encode(tok)
+    ids = torch.cat([torch.full((3, 1), tok.pad_token_id), enc["input_ids"]], dim=1)
+    mask = torch.cat([torch.zeros(3, 1, dtype=torch.long), enc["attention_mask"]], dim=1)
+    for r in range(3):  # BOS goes right before each row's first real token (left padding)
+        first = int(mask[r].argmax())
+        ids[r, first - 1], mask[r, first - 1] = 1, 1
+    bos_tok = type(tok).from_pretrained(tok.name_or_path)
+    bos_tok.bos_token = tok.convert_ids_to_tokens(1)
+    bos_engine = InterventionEngine(model, bos_tok, InitialModel.of_adapter(model))
+    batch = bos_engine.batch(CONVS, ids, mask)
+    assert all(front == [1] for front in batch.in_front)
+    with bos_engine.applied(Intervention("perturb", "prefix", k=10_000, seed=1), batch) as perturbed:
+        pass
+    bos_at = (ids == 1) & mask.bool()
+    assert torch.equal(perturbed[bos_at], ids[bos_at]) and (perturbed != ids).any()
+
+
+def test_postfix_empty_reference_keeps_the_tokens_the_tokenizer_adds_in_front(setup, tok):
+    """With BOS in front of every prompt, the empty-query prompt's K/V are those of BOS + the empty rendering."""
+    model, engine, _ = setup
+    enc = encode(tok, CONVS[:1])
+    bos = torch.tensor([[1]])
+    ids, mask = torch.cat([bos, enc["input_ids"]], 1), torch.cat([torch.ones_like(bos), enc["attention_mask"]], 1)
+    batch = engine.batch(CONVS[:1], ids, mask)
+    empty = engine.kv_states(batch, "postfix_empty")
+    spans = prompt_regions(tok, [{"role": "user", "content": ""}])
+    alone_ids = torch.tensor([[1, *spans.input_ids]])
+    alone = engine.initial.prefill(alone_ids, torch.ones_like(alone_ids), pad_token_id=tok.pad_token_id)
+    at = torch.tensor([False, *[s == SEG_POSTFIX for s in spans.segments]])
+    postfix = batch.mask("postfix")[0]
+    for layer in range(len(alone.keys)):
+        torch.testing.assert_close(empty.keys[layer][0][postfix], alone.keys[layer][0][at], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(empty.values[layer][0][postfix], alone.values[layer][0][at], atol=1e-5,
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["kv", "residual"])
+def test_generation_without_the_kv_cache_is_refused(setup, tok, kind):
+    """Without the cache every decode step recomputes the prompt, which the patch would leave unpatched."""
+    model, engine, batch = setup
+    iv = Intervention("kv", "prefix") if kind == "kv" else Intervention("residual", "prefix", layers=(1,))
+    with pytest.raises(UncachedGenerationError, match="use_cache=True"), engine.applied(iv, batch) as ids, \
+            torch.no_grad():
+        generate(model, tok, ids, batch.attention_mask, new=3, use_cache=False)
+    with engine.applied(iv, batch) as ids, torch.no_grad():  # with the cache: fine
+        generate(model, tok, ids, batch.attention_mask, new=3)
+
+
+def test_initial_states_cache_is_bounded(setup, tok):
+    """Memory no longer grows with the task: beyond ``cache_bytes`` the least recently used batches go."""
+    model, _, _ = setup
+    engine = InterventionEngine(model, tok, InitialModel.of_adapter(model))
+    batches = [engine.batch([c], *encode(tok, [c]).values()) for c in CONVS]
+    first = engine.kv_states(batches[0], "prefix")
+    engine.cache_bytes = 2 * first.nbytes + 1  # room for about two of these one-prompt batches
+    sizes = [first.nbytes]
+    for b in batches[1:]:
+        sizes.append(engine.kv_states(b, "prefix").nbytes)
+        assert engine.cached_bytes <= max(engine.cache_bytes, sizes[-1])
+    assert len(engine._states) < len(batches)
+    assert engine.kv_states(batches[-1], "query") is engine.kv_states(batches[-1], "prefix")  # still shared
+    again = engine.kv_states(batches[0], "prefix")  # dropped, recomputed identically
+    assert again is not first and torch.equal(again.keys[1], first.keys[1])
 
 
 def test_best_of_trials_takes_each_documents_best_trial():

@@ -14,6 +14,7 @@ rank 0's copy is then broadcast.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -151,10 +152,12 @@ def _model_signature(path: str) -> list:
 
 
 def cache_key(model: str, layer: int, positive: str, negative: str, questions: list[str],
-              chat_template: str | None, template_kwargs: dict | None, dtype: str) -> str:
+              chat_template: str | None, template_kwargs: dict | None, dtype: str, adapter: str | None = None) -> str:
     payload = {"model": model, "files": _model_signature(model), "layer": layer, "positive": positive,
                "negative": negative, "questions": questions, "template": chat_template,
                "template_kwargs": template_kwargs or {}, "dtype": dtype}
+    if adapter:  # a continued adapter (lora_model_dir) is part of the reference the direction comes from
+        payload.update(adapter=adapter, adapter_files=_model_signature(adapter))
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -189,30 +192,54 @@ def _from_rank0(vector, device):
 
 
 class SteeringCallback(TrainerCallback):
-    """Computes (or loads) the direction when training begins and steers until it ends."""
+    """Computes (or loads) the direction when training begins and steers until training returns or raises.
+
+    Made with the trainer (Axolotl's ``add_callbacks_post_trainer``), before any checkpoint loads: the layer is
+    checked against the model then, and the reference is the trainer's shared one (a continued adapter,
+    ``lora_model_dir``, counts as loaded, as for TReFT's terms).
+    """
 
     def __init__(self, cfg, trainer):
+        from ..capture import decoder_layers, layer_positions
+        from ..reference import shared_reference
+
         self.cfg = cfg
         self.block = cfg.treft.steering
         self.trainer = trainer
         self.hook: SteeringHook | None = None
         self.vector = None
+        if getattr(trainer, "axolotl_cfg", None) is None:
+            trainer.axolotl_cfg = cfg  # a frozen reference copy (resumed full finetuning) needs it
+        self.reference = shared_reference(trainer)
+        n_layers = len(decoder_layers(self.reference.policy))
+        self.index = layer_positions([self.block.layer], n_layers, "treft.steering.layer")[0]
+        self._remove_when_training_stops()
+
+    def _remove_when_training_stops(self) -> None:
+        """``trainer.train`` removes the hook when it returns or raises (``on_train_end`` runs on success only)."""
+        train = self.trainer.train
+
+        @functools.wraps(train)
+        def train_then_unsteer(*args, **kwargs):
+            try:
+                return train(*args, **kwargs)
+            finally:
+                self.remove_hook()
+
+        self.trainer.train = train_then_unsteer
 
     def on_train_begin(self, args, state, control, **kwargs):
         from ..capture import decoder_layers
-        from ..reference import Reference
 
-        if getattr(self.trainer, "axolotl_cfg", None) is None:
-            self.trainer.axolotl_cfg = self.cfg  # a frozen reference copy (resumed full finetuning) needs it
-        reference = Reference(self.trainer)
-        layers = decoder_layers(reference.policy)
-        index = self.block.layer % len(layers)
-        self.vector = self._direction(reference, index)
-        self.hook = SteeringHook(layers[index], self.block.alpha * self.vector)
+        self.vector = self._direction(self.reference, self.index)
+        self.hook = SteeringHook(decoder_layers(self.reference.policy)[self.index], self.block.alpha * self.vector)
         LOG.info("treft.steering: adding α·e at layer %d during training (α=%g, |e|=%.4g, |α·e|=%.4g)",
-                 index, self.block.alpha, float(self.vector.norm()), float(self.block.alpha * self.vector.norm()))
+                 self.index, self.block.alpha, float(self.vector.norm()), float(self.block.alpha * self.vector.norm()))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.remove_hook()
+
+    def remove_hook(self) -> None:
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
@@ -231,8 +258,9 @@ class SteeringCallback(TrainerCallback):
         template_kwargs = dict(cfg.chat_template_kwargs or {})
         questions = load_questions(block.questions)
         dtype = str(next(reference.policy.parameters()).dtype)
+        adapter = str(cfg.lora_model_dir) if cfg.lora_model_dir and self.reference.uses_adapter else None
         key = cache_key(str(cfg.base_model), index, block.positive, block.negative, questions, template,
-                        template_kwargs, dtype)
+                        template_kwargs, dtype, adapter)
         path = Path(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH) / "treft_steering" / f"{key}.pt"
         device = self.trainer.accelerator.device
         if _all_true(path.is_file(), device):
