@@ -152,8 +152,8 @@ def check_no_duplicate_layers(key: str, layers: list[int], n_layers: int | None)
         if pos in positions[:i]:
             first = layers[positions.index(pos)]
             same = "" if first == layers[i] else f" (= {first} in a model with {n_layers} layers)"
-            raise ValueError(f"{key}: layer {layers[i]}{same} is listed twice in {layers}; each layer would count "
-                             "twice. List each layer once")
+            raise ValueError(f"{key}: duplicate layer {layers[i]}{same}, listed twice in {layers}; each layer "
+                             "would count twice. List each layer once")
 
 
 def check_layer_count(count: int, n_layers: int | None) -> None:

@@ -20,10 +20,10 @@ SILENT_CONFIGS = [
     ("feature_count_above_model", {"feature_l2": {"weight": 1.0, "layers": 40}},
      r"treft\.feature_l2\.layers: 40 layers asked, but the model has 30"),
     ("feature_duplicate_index", {"feature_l2": {"weight": 1.0, "layers": [3, 3]}},
-     r"treft\.feature_l2\.layers: layer 3 is listed twice"),
+     r"treft\.feature_l2\.layers: duplicate layer 3, listed twice"),
     ("feature_duplicate_alias", {"feature_l2": {"weight": 1.0, "layers": [29, -1]}},
-     r"treft\.feature_l2\.layers: layer -1 \(= 29 in a model with 30 layers\) is listed twice"),
-    ("kv_duplicate_alias", {"kv": {"weight": 1.0, "layers": [0, -30]}}, r"treft\.kv\.layers: layer -30 .* twice"),
+     r"treft\.feature_l2\.layers: duplicate layer -1 \(= 29 in a model with 30 layers\), listed twice"),
+    ("kv_duplicate_alias", {"kv": {"weight": 1.0, "layers": [0, -30]}}, r"treft\.kv\.layers: duplicate layer -30 .* twice"),
     ("kv_list_duplicate_tokens", {"kv": [{"weight": 5.0, "tokens": "postfix"}, {"weight": 1.0, "tokens": "prefix"},
                                          {"weight": 5.0, "tokens": "postfix"}]},
      r"treft\.kv\[2\]\.tokens: `postfix` again, as treft\.kv\[0\].*Merge the two"),
@@ -62,7 +62,7 @@ def test_feature_layers_at_setup_when_validation_could_not_see_the_model():
     with pytest.raises(ValueError, match=r"treft\.feature_l2\.layers: 8 layers asked, but the model has 2"):
         layer_indices(8, 2, given=True)
     assert layer_indices(5, 2) == [0, 1]  # the default count, capped
-    with pytest.raises(ValueError, match=r"layer -2 \(= 0 in a model with 2 layers\) is listed twice"):
+    with pytest.raises(ValueError, match=r"duplicate layer -2 \(= 0 in a model with 2 layers\)"):
         layer_indices([0, -2], 2)
 
 
