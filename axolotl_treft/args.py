@@ -267,6 +267,37 @@ class SafeLoRAConfig(_Block):
     output_dir: str | None = Field(None, description="default: <output_dir>/safelora")
 
 
+class EvalConfig(_Block):
+    """``treft.eval``: lm-eval tasks on the final model (after SafeLoRA where configured), results under
+    ``OUTPUT_DIR/eval/``."""
+
+    tasks: list[str] = Field(min_length=1, description="task-pack tasks/groups, or your own with include_path")
+    limit: int | None = Field(None, ge=1, description="documents per task (the first N); default: all")
+    max_gen_toks: int | None = Field(None, ge=1, description="new tokens per answer; default: the task's")
+    batch_size: int = Field(8, ge=1, description="generation batch size")
+    include_path: list[str] = Field(default_factory=list, description="directories of your own task YAMLs")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="as lm_eval --metadata (e.g. the judge)")
+    bootstrap_iters: int = Field(100000, ge=0, description="lm-eval's stderr bootstrap (eval only; 0 = none)")
+
+    _key = "treft.eval"
+
+    @model_validator(mode="after")
+    def _check_tasks(self):
+        from .monitor import check_block
+
+        check_block(self.model_dump(), self._key)
+        return self
+
+
+class MonitorConfig(EvalConfig):
+    """``treft.monitor``: the tasks on the live model every ``every`` steps (and at step 0 and the last step)."""
+
+    every: int = Field(gt=0, description="optimizer steps between evaluations")
+    bootstrap_iters: Literal[0] = Field(0, description="no stderr bootstrap while monitoring")
+
+    _key = "treft.monitor"
+
+
 def _kv_term(value: Any, key: str) -> KVConfig:
     """One K/V term; errors name the key (``treft.kv.weight``, ``treft.kv[1].weight``)."""
     if isinstance(value, KVConfig):
@@ -291,6 +322,8 @@ class TReFTConfig(_Block):
     safelora: SafeLoRAConfig | None = None
     inoculation: InoculationConfig | None = None
     steering: SteeringConfig | None = None
+    monitor: MonitorConfig | None = None
+    eval: EvalConfig | None = None
 
     @model_validator(mode="after")
     def _check_inoculation(self) -> TReFTConfig:
@@ -383,6 +416,17 @@ class TReFTArgs(BaseModel):
     def _check_defenses_against_axolotl_cfg(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("treft"), dict):
             check_steering_layer(data)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_monitor_against_axolotl_cfg(cls, data: Any) -> Any:
+        treft = data.get("treft") if isinstance(data, dict) else None
+        for key in ("monitor", "eval"):
+            if isinstance(treft, dict) and treft.get(key):
+                from .monitor import check_parallelism
+
+                check_parallelism(data, f"treft.{key}")
         return data
 
     @model_validator(mode="before")

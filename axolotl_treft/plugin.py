@@ -29,6 +29,8 @@ class TReFTPlugin(BasePlugin):
 
     retain_dataset = None  # tokenized retain set, for KL on retain
     run_started: float | None = None  # SafeLoRA projects only adapter weights saved after this time
+    trainer = None  # set in add_callbacks_post_trainer
+    evaluated = False  # treft.eval ran (post_train is called twice)
 
     def get_input_args(self) -> str:
         return "axolotl_treft.args.TReFTArgs"
@@ -115,21 +117,32 @@ class TReFTPlugin(BasePlugin):
             LOG.info("treft: regularizers active: %s", [r.key for r in trainer.treft_regularizers])
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
-        if not (cfg.treft and cfg.treft.steering):
-            return []
-        from .defenses.steering import SteeringCallback
+        self.trainer = trainer  # treft.eval logs its metrics through it after training
+        callbacks = []
+        if cfg.treft and cfg.treft.steering:
+            from .defenses.steering import SteeringCallback
 
-        return [SteeringCallback(cfg, trainer)]
+            callbacks.append(SteeringCallback(cfg, trainer))
+        if cfg.treft and cfg.treft.monitor:
+            from .monitor import monitor_callback
+
+            callbacks.append(monitor_callback(cfg, trainer))
+        return callbacks
 
     def pre_model_load(self, cfg) -> None:
-        if cfg.treft and cfg.treft.safelora and self.run_started is None:
+        if cfg.treft and (cfg.treft.safelora or cfg.treft.eval) and self.run_started is None:
             self.run_started = time.time()
 
     def post_train(self, cfg, model) -> None:
+        safelora = None
         if cfg.treft and cfg.treft.safelora:
             from .defenses.safelora import apply_after_training
 
-            apply_after_training(cfg, not_before=self.run_started)
+            safelora = apply_after_training(cfg, not_before=self.run_started)
+        if cfg.treft and cfg.treft.eval and not self.evaluated:
+            from .monitor import run_after_training
+
+            self.evaluated = run_after_training(cfg, model, getattr(self, "trainer", None), self.run_started, safelora)
 
 
 class SeedPlugin(BasePlugin):

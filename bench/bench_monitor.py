@@ -1,0 +1,88 @@
+"""What ``treft.monitor`` adds to the training wall time, at the demo's settings: monitor off vs on, side by side.
+
+Both runs train the demo's SFT config (the shipped ``smollm2-135m-abstention-treft`` example without the K/V
+term: SmolLM2-135M-Instruct, LoRA r=8, legal abstention data, 2 epochs = 60 steps of 8) with the real
+``axolotl train`` CLI, in their own processes; the second adds ``treft.monitor`` on the demo's task
+(``offtopic_abstention``, 32 new tokens). Figures: Trainer's ``train_runtime`` (it includes the monitor's
+evaluations, which run inside ``trainer.train()``), the monitor's own seconds from ``treft_monitor.jsonl``, and
+the end-to-end process time. ``--order off,on,off`` adds a second plain run for the noise floor.
+
+    python bench/bench_monitor.py                          # ~6 min on 2 CPU cores
+    python bench/bench_monitor.py --every 20 --limit 24 --order off,on,off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from axolotl_treft.cli.model import materialize_smollm2  # noqa: E402
+from axolotl_treft.monitor import MONITOR_FILE, read_rows  # noqa: E402
+from axolotl_treft.study.demo import EVAL_MAX_GEN_TOKS, NARROW_SETTINGS, example_config  # noqa: E402
+from axolotl_treft.study.runner import run_axolotl_train  # noqa: E402
+
+_RUNTIME = re.compile(r"'train_runtime': '?([0-9.]+)")
+
+
+def config(workdir: Path, name: str, monitor: dict | None) -> dict:
+    cfg = example_config(materialize_smollm2(), NARROW_SETTINGS["abstention"])
+    cfg.pop("treft")
+    cfg["plugins"] = [p for p in cfg["plugins"] if not p.endswith("TReFTPlugin")]
+    if monitor:
+        cfg["plugins"].append("axolotl_treft.TReFTPlugin")
+        cfg["treft"] = {"monitor": monitor}
+    cfg.update({"dataset_prepared_path": str(workdir / "prepared"), "output_dir": str(workdir / name / "out")})
+    return cfg
+
+
+def run(workdir: Path, name: str, monitor: dict | None) -> dict:
+    start = time.perf_counter()
+    result = run_axolotl_train(config(workdir, name, monitor), workdir / name,
+                               env={"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    wall = time.perf_counter() - start
+    runtime = _RUNTIME.findall(result.log)
+    if result.returncode != 0 or not runtime:
+        raise RuntimeError(f"{name} failed:\n{result.log[-3000:]}")
+    rows = read_rows(result.output_dir / MONITOR_FILE)
+    evals = {r["step"]: r["seconds"] for r in rows}  # one row per task; seconds are per evaluation
+    return {"name": name, "train_runtime": float(runtime[-1]), "process_wall": wall, "steps": len(result.steps),
+            "monitor_evals": sorted(evals), "monitor_seconds": sum(evals.values())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--limit", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--order", default="off,on", help="comma list of off/on runs, in order")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    args = ap.parse_args()
+    monitor = {"tasks": [NARROW_SETTINGS["abstention"].task], "every": args.every, "limit": args.limit,
+               "max_gen_toks": EVAL_MAX_GEN_TOKS, "batch_size": args.batch_size}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_monitor_") as tmp:
+        for i, kind in enumerate(args.order.split(",")):
+            rows.append(run(Path(tmp), f"{kind}{i}", monitor if kind == "on" else None))
+            print(json.dumps(rows[-1]), flush=True)
+    off = [r["train_runtime"] for r in rows if r["name"].startswith("off")]
+    base = sum(off) / len(off)
+    print(f"\nmonitor: {monitor}")
+    print(f"{'run':8} {'train_runtime s':>16} {'vs off':>8} {'monitor s':>10} {'evals at steps'}")
+    for r in rows:
+        print(f"{r['name']:8} {r['train_runtime']:16.1f} {r['train_runtime'] / base - 1:+8.1%} "
+              f"{r['monitor_seconds']:10.1f} {r['monitor_evals']}")
+    if args.json:
+        args.json.write_text(json.dumps({"monitor": monitor, "runs": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
