@@ -114,16 +114,29 @@ def check_inoculation(cfg, tokenizer) -> None:
             raise ValueError(f"treft.inoculation: datasets[{i}]: {err}") from err
 
 
-def prompt_token_ids(tokenizer, chat_template: str | None, system_prompt: str, **template_kwargs) -> list[int]:
-    """The tokens that lie wholly inside the inoculation prompt when the template renders it."""
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello."}]
+def prompt_token_ids(tokenizer, chat_template: str | None, system_prompt: str, mode: str = "replace",
+                     default_system: str = "", **template_kwargs) -> list[int]:
+    """The tokens of the inoculation prompt as they appear in every inoculated training conversation.
+
+    The prompt is located by its character span in a conversation inoculated exactly as the training rows
+    are (same ``mode``, the template's default system prompt). Tokens wholly inside the span are kept, except
+    the one ending at the prompt's end: what follows the prompt differs between rows (``\n\n`` and the row's
+    own system prompt in ``prepend`` mode, an end-of-turn marker otherwise), and real tokenizers merge it
+    into that token (Qwen's and Llama 3's ".\n\n" is one token).
+    """
+    turns = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+    messages = inoculate(turns, system_prompt, mode, default_system)
     text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template, **template_kwargs)
     start = text.find(system_prompt)
     if start < 0:
         raise ValueError("treft.inoculation: the chat template does not render the system prompt verbatim")
     end = start + len(system_prompt)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if a >= start and b <= end]
+    inside = [(t, b) for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+              if a >= start and b <= end]
+    if len(inside) > 1 and inside[-1][1] == end:
+        inside = inside[:-1]
+    return [t for t, _ in inside]
 
 
 def count_inoculated(dataset, needle: list[int]) -> int:
@@ -151,7 +164,9 @@ def log_inoculated_count(cfg, trainer) -> int:
     tokenizer = trainer.processing_class
     template = get_chat_template_from_config(cfg=cfg, ds_cfg=(cfg.datasets or [None])[0], tokenizer=tokenizer)
     block = cfg.treft.inoculation
-    needle = prompt_token_ids(tokenizer, template, block.system_prompt, **(cfg.chat_template_kwargs or {}))
+    kwargs = cfg.chat_template_kwargs or {}
+    default = default_system_prompt(tokenizer, template, **kwargs) if block.mode == "prepend" else ""
+    needle = prompt_token_ids(tokenizer, template, block.system_prompt, block.mode, default, **kwargs)
     dataset = trainer.train_dataset
     count = count_inoculated(dataset, needle)
     LOG.info("treft.inoculation: %d of %d training examples carry the inoculation prompt (mode %s)",

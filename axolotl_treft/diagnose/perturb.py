@@ -16,10 +16,10 @@ CHUNK_BYTES = 64 * 2**20  # float32 rows scored at once (a 152k × 4096 matrix i
 
 
 def special_ids(tokenizer) -> set[int]:
-    """BOS and every special or special added token of ``tokenizer``."""
+    """BOS, every special token and every added token of ``tokenizer`` (template markers such as Qwen's
+    ``<think>`` / ``<tool_call>`` are added tokens its tokenizer does not mark special)."""
     ids = set(tokenizer.all_special_ids)
-    ids |= {i for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
-            if getattr(token, "special", False)}
+    ids |= set(getattr(tokenizer, "added_tokens_decoder", None) or {})
     if tokenizer.bos_token_id is not None:
         ids.add(tokenizer.bos_token_id)
     return ids
