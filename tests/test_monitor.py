@@ -152,3 +152,17 @@ def test_resuming_continues_the_monitor_file_without_duplicate_steps(tmp_path, t
     assert after[0] == before[0] and after[1] == before[1]
     assert "dropping 1 row(s) after step 2" in resumed.log
     assert os.path.isdir(out / "checkpoint-4")
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.skipif(os.environ.get("TREFT_RUN_DEEPSPEED") != "1", reason="2-process DeepSpeed run; set TREFT_RUN_DEEPSPEED=1")
+def test_monitor_and_eval_under_deepspeed_zero2_two_processes(tmp_path, tiny_llama_dir):
+    """Rank 0 evaluates its replica while rank 1 waits: one row per step, training finishes, eval written once."""
+    from tests import ds_harness as h
+
+    run = h.run(tmp_path, tiny_llama_dir, {"plugins": [h.PLUGIN], "max_steps": 4,
+                                           "treft": {"monitor": MONITOR, "eval": EVAL}}, "zero2", timeout=900)
+    assert run.returncode == 0, h.tail(run)
+    assert [r["step"] for r in read_rows(run.output_dir / MONITOR_FILE)] == [0, 2, 4]
+    assert len(list((run.output_dir / "eval").rglob("results_*.json"))) == 1
