@@ -10,7 +10,7 @@ import pytest
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.dict import DictDefault
 
-from axolotl_treft.cli import report
+from axolotl_treft.cli.main import main as cli_main
 from axolotl_treft.regularizers.feature_l2 import layer_indices
 from tests.test_reliability import make_cfg, validate
 
@@ -67,17 +67,6 @@ def test_feature_layers_at_setup_when_validation_could_not_see_the_model():
 
 
 # ------------------------------------------------------------------------------------------- report --plot
-def run_report(*argv: str) -> int:
-    """``axolotl-treft report`` with these arguments (its own parser options)."""
-    import argparse
-
-    from axolotl_treft.cli.evaluation import add_parsers
-
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command"))
-    return report.main(parser.parse_args(["report", *argv]))
-
-
 def _result_file(tmp_path):
     from tests.test_report import _results
 
@@ -93,7 +82,7 @@ def test_report_plot_prints_the_file_it_writes(tmp_path, capsys, form):
     arg = str(target[form]) + ("/" if form == "trailing_slash" else "")
     if form == "existing_dir":
         target[form].mkdir()
-    assert run_report(*[str(f), "--plot", arg]) == 0
+    assert cli_main(["report", str(f), "--plot", arg]) == 0
     printed = capsys.readouterr().out.split("plot: ")[1].split("\n")[0]
     want = {"existing_dir": target[form] / "treft_report.png", "trailing_slash": target[form] / "treft_report.png",
             "no_suffix": tmp_path / "cmp.png"}[form]
@@ -104,7 +93,7 @@ def test_report_plot_prints_the_file_it_writes(tmp_path, capsys, form):
 
 def test_report_plot_with_an_unknown_image_type_is_refused_before_anything(tmp_path, capsys):
     f = _result_file(tmp_path)
-    assert run_report(*[str(f), "--plot", str(tmp_path / "cmp.txt")]) == 2
+    assert cli_main(["report", str(f), "--plot", str(tmp_path / "cmp.txt")]) == 2
     captured = capsys.readouterr()
     assert "unknown image type '.txt'" in captured.err and "plot:" not in captured.out
     assert not (tmp_path / "cmp.txt").exists()
