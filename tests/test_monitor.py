@@ -166,3 +166,21 @@ def test_monitor_and_eval_under_deepspeed_zero2_two_processes(tmp_path, tiny_lla
     assert run.returncode == 0, h.tail(run)
     assert [r["step"] for r in read_rows(run.output_dir / MONITOR_FILE)] == [0, 2, 4]
     assert len(list((run.output_dir / "eval").rglob("results_*.json"))) == 1
+
+
+def test_curves_stopped_early_and_the_leak_plot(tmp_path):
+    from axolotl_treft.monitor.curves import plot_leak_curves, read_curves, stopped_early
+
+    path = tmp_path / MONITOR_FILE
+    rates = [(0, 0.0, 0.0), (2, 0.5, 0.1), (4, 0.95, 0.3), (6, 1.0, 0.9)]
+    path.write_text("".join(json.dumps({"step": s, "task": "offtopic_abstention", "seconds": 1.0,
+                                        "metrics": {"on_topic_rate": on, "off_topic_rate": off}}) + "\n"
+                            for s, on, off in reversed(rates)))
+    curves = read_curves(path)
+    assert [p["step"] for p in curves["offtopic_abstention"]] == [0, 2, 4, 6]
+    assert stopped_early(curves["offtopic_abstention"]) == {"step": 4, "on_topic_rate": 0.95, "off_topic_rate": 0.3}
+    assert stopped_early(curves["offtopic_abstention"], threshold=1.01) is None
+    assert read_curves(tmp_path / "missing.jsonl") == {}
+    png = plot_leak_curves({"sft": curves, "treft": curves}, tmp_path / "leak_curves.png")
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert plot_leak_curves({"sft": {}}, tmp_path / "none.png") is None
