@@ -139,6 +139,18 @@ def test_monitor_and_eval_in_a_real_training_run(tmp_path, smollm2_dir):
 
 
 @pytest.mark.slow
+def test_the_monitor_leaves_training_unchanged(tmp_path, tiny_llama_dir):
+    """Same losses with and without the monitor (dropout on, so a consumed RNG draw would show)."""
+    seeded = {"lora_dropout": 0.1, "plugins": ["axolotl_treft.SeedPlugin"]}
+    plain = run_axolotl(tmp_path / "plain", tiny_llama_dir, seeded)
+    monitored = run_axolotl(tmp_path / "monitored", tiny_llama_dir, {
+        **seeded, "plugins": ["axolotl_treft.SeedPlugin", "axolotl_treft.TReFTPlugin"], "treft": {"monitor": MONITOR}})
+    assert plain.returncode == 0 and monitored.returncode == 0, monitored.log[-3000:]
+    assert len(read_rows(monitored.output_dir / MONITOR_FILE)) == 3
+    assert len(plain.series("loss")) == 4 and plain.series("loss") == monitored.series("loss")
+
+
+@pytest.mark.slow
 def test_resuming_continues_the_monitor_file_without_duplicate_steps(tmp_path, tiny_llama_dir):
     first = _train(tmp_path / "a", tiny_llama_dir, treft={"monitor": MONITOR})
     out = first.output_dir
@@ -184,3 +196,28 @@ def test_curves_stopped_early_and_the_leak_plot(tmp_path):
     png = plot_leak_curves({"sft": curves, "treft": curves}, tmp_path / "leak_curves.png")
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert plot_leak_curves({"sft": {}}, tmp_path / "none.png") is None
+
+
+@pytest.mark.slow
+def test_eval_runs_on_the_safelora_projection(tmp_path, tiny_llama_dir):
+    """With treft.safelora, treft.eval evaluates the projected adapter (OUTPUT_DIR/safelora) on the base model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    aligned = tmp_path / "aligned"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(aligned)
+    result = _train(tmp_path / "run", tiny_llama_dir, save_strategy="no", treft={
+        "eval": EVAL, "safelora": {"base_model": str(tiny_llama_dir), "aligned_model": str(aligned), "top_k": 2}})
+    out = result.output_dir
+    assert (out / "safelora" / "adapter_model.safetensors").is_file()
+    from axolotl_treft.cli.report import find_results
+
+    data = json.loads(find_results(out / "eval").read_text())
+    assert data["config"]["model_args"]["pretrained"] == str(out / "safelora")
+    assert data["n-samples"]["offtopic_abstention"]["effective"] == 2
+    assert "treft.eval (" in result.log and str(out / "safelora") in result.log
