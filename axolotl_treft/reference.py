@@ -169,9 +169,9 @@ class Reference:
             engine = prepare_deepspeed(ref, self.trainer.accelerator)
             self._frozen_engine = engine
             self._frozen = engine.module
-        elif not getattr(ref, "is_loaded_in_8bit", False) and not getattr(ref, "is_loaded_in_4bit", False):
+        elif getattr(ref, "hf_quantizer", None) is None and not getattr(ref, "is_quantized", False):
             self._frozen = ref.to(self.trainer.accelerator.device)
-        else:  # bitsandbytes weights stay where the loader put them
+        else:  # quantized weights stay where the loader put them (they cannot be moved)
             self._frozen = ref
         return self._frozen
 
