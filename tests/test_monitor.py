@@ -73,6 +73,29 @@ def test_task_metrics_drop_stderr_and_filter_and_keep_nan_as_none():
     assert flat(metrics, "monitor") == {"monitor/offtopic_abstention/on_topic_rate": 0.5}
 
 
+@pytest.mark.slow
+def test_live_tasks_restore_mode_and_rng_and_repeat_exactly(tiny_llama_dir):
+    """The monitor's cached tasks evaluated twice: same metrics, train mode and every RNG as before."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_treft.args import MonitorConfig
+    from axolotl_treft.monitor import LiveTasks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).train()
+    tasks = LiveTasks(MonitorConfig(tasks=["offtopic"], every=1, limit=2, max_gen_toks=4), None,
+                      AutoTokenizer.from_pretrained(tiny_llama_dir))
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first, second = task_metrics(tasks(model)), task_metrics(tasks(model))
+    assert first == second and set(first) == {"offtopic", "offtopic_abstention", "offtopic_refusal", "offtopic_tooluse"}
+    assert model.training and torch.is_grad_enabled()
+    assert torch.equal(states[0], torch.get_rng_state()) and states[1] == random.getstate()
+    assert (states[2] == np.random.get_state()[1]).all()
+
+
 # ---------------------------------------------------------------- real training runs (slow)
 
 

@@ -95,8 +95,8 @@ class LiveTasks:
     def __call__(self, model) -> dict[str, Any]:
         from lm_eval.evaluator import evaluate
 
-        lm = _hflm(model, self.tokenizer, self.block, self.cfg)
-        with _eval_mode(model):
+        with _eval_mode(model):  # HFLM() calls model.eval(): the mode to restore is read before it
+            lm = _hflm(model, self.tokenizer, self.block, self.cfg)
             return evaluate(lm=lm, task_dict=self.task_dict, limit=self.block.limit, bootstrap_iters=0,
                             log_samples=False, apply_chat_template=True, verbosity="WARNING")
 
