@@ -41,17 +41,25 @@ def task_manager(include_paths: Sequence[str]):
 
 def check_task(task: str, manager) -> list[str]:
     """Build the task (its dataset and judge checks run now); its leaf task names. Generation tasks only."""
-    from lm_eval.tasks import get_task_dict
-
     if task not in manager.all_tasks:
         known = ", ".join(t for t in manager.all_tasks if not t.startswith("_"))
         raise TaskError(f"unknown task {task!r}: not in the task pack or --include-path (known: {known})")
-    leaves = leaf_tasks(get_task_dict([task], manager))
+    leaves = load_leaf_tasks([task], manager)
     wrong = {name: t.OUTPUT_TYPE for name, t in leaves.items() if t.OUTPUT_TYPE != "generate_until"}
     if wrong:
         raise TaskError(f"task {task!r} has non-generation subtasks {wrong}; the interventions act on generation, "
                         "so only generate_until tasks can be diagnosed")
     return sorted(leaves)
+
+
+def load_leaf_tasks(names: Sequence[str], manager) -> dict[str, Any]:
+    """{task name: task} for ``names``, groups expanded: ``TaskManager.load`` (lm-eval 0.4.12+, where
+    ``get_task_dict`` is deprecated) or ``get_task_dict`` (0.4.11)."""
+    if hasattr(manager, "load"):
+        return dict(manager.load(list(names))["tasks"])
+    from lm_eval.tasks import get_task_dict
+
+    return leaf_tasks(get_task_dict(list(names), manager))
 
 
 def leaf_tasks(task_dict: Mapping) -> dict[str, Any]:
