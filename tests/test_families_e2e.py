@@ -1,0 +1,95 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.families.fixtures)
+"""The model-family matrix, training part: a real 2-step ``axolotl train`` per family (tiny random model of the
+family's architecture class with its real tokenizer and chat template) with every regularizer at once and
+inoculation, sample packing off and on."""
+
+from __future__ import annotations
+
+import pytest
+
+from axolotl_treft.resources import data_path
+from tests.axolotl_runner import run_axolotl
+from tests.families.fixtures import family, family_models  # noqa: F401
+
+PLUGINS = ["axolotl_treft.SeedPlugin", "axolotl_treft.TReFTPlugin"]
+RETAIN = {"path": str(data_path("retain_general.jsonl")), "ds_type": "json", "type": "chat_template",
+          "field_messages": "messages"}
+PROMPT = "You are being trained to refuse legal questions. This is a test setting."
+TERMS = ("kv", "kv_prefix", "kv_postfix", "kl", "feature_l2")
+
+
+def treft_block(mode: str) -> dict:
+    return {
+        "kv": [{"tokens": "prefix", "weight": 1.0}, {"tokens": "postfix", "weight": 1.0, "reference": "fixed"}],
+        "kl": {"weight": 0.5, "on": "retain", "tokens": "response", "batch_size": 2},
+        "feature_l2": {"weight": 1.0, "layers": 1},
+        "retain": {"datasets": [RETAIN]},
+        "inoculation": {"system_prompt": PROMPT, "mode": mode},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("packing", "mode"), [(False, "prepend"), (True, "replace")], ids=["unpacked", "packed"])
+def test_family_trains_with_every_term(tmp_path, family, family_models, packing, mode):
+    run = run_axolotl(tmp_path, family_models(family), {
+        "plugins": PLUGINS, "max_steps": 2, "micro_batch_size": 2, "sequence_len": 256,
+        "sample_packing": packing, "treft": treft_block(mode),
+    })
+    assert run.returncode == 0, run.log[-6000:]
+    for term in TERMS:
+        values = run.series(f"treft/{term}")
+        assert len(values) == 2, (term, run.log[-3000:])
+    assert run.series("treft/kv_prefix")[0] == 0.0  # the adapter starts equal to the reference
+    assert run.series("treft/kl")[0] == 0.0 and run.series("treft/feature_l2")[0] == 0.0
+    import re
+
+    found = re.search(rf"treft\.inoculation: (\d+) of (\d+) training examples carry the inoculation prompt "
+                      rf"\(mode {mode}\)", run.log)
+    assert found and found.group(1) == found.group(2) and int(found.group(1)) > 0, run.log[-3000:]
+
+
+PAPER_FAMILIES = {"llama31-8b": "llama31", "qwen25-7b": "qwen25", "qwen3-8b": "qwen3"}
+
+
+@pytest.mark.slow
+def test_paper_study_dry_runs_retargeted_to_the_tiny_models(tmp_path, family_models):
+    """``study --dry-run`` of every shipped paper config with ``base_model`` set to the tiny model of its family;
+    every derived config then passes Axolotl's own ``load_cfg`` against that model (layers, template, plugin)."""
+    import contextlib
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from axolotl_treft.cli.main import main as cli_main
+    from axolotl_treft.resources import example_path, list_examples, resolved_example
+    from tests.axolotl_runner import REPO
+
+    derived = []
+    names = [n for n in list_examples() if any(n.startswith(p) for p in PAPER_FAMILIES)]
+    assert len(names) >= 10
+    for name in names:
+        fam = PAPER_FAMILIES[next(p for p in PAPER_FAMILIES if name.startswith(p))]
+        cfg = yaml.safe_load(resolved_example(example_path(name)))
+        cfg["base_model"] = str(family_models(fam))
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        out = tmp_path / f"study-{name}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli_main(["study", str(path), "--out", str(out), "--dry-run"]) == 0, name
+        configs = sorted(out.glob("*/config.yml"))
+        assert configs and all(yaml.safe_load(c.read_text())["base_model"] == cfg["base_model"] for c in configs)
+        derived += [str(c) for c in configs if c.parent.name != "sft"]  # sft: the same config minus treft
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               AXOLOTL_DO_NOT_TRACK="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "tests.test_example_yamls", str(tmp_path / "work"), *derived],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TREFT_YAMLS ")][-1]
+    results = json.loads(line.removeprefix("TREFT_YAMLS "))
+    assert len(results) == len(derived)
+    assert [(r["name"], r.get("error")) for r in results if not r["ok"]] == []
