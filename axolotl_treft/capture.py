@@ -53,6 +53,9 @@ def _num_hidden_layers(model: nn.Module) -> int:
     return int(text.num_hidden_layers)
 
 
+_FUSED_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "qkv")
+
+
 def projection_modules(model: nn.Module, name: str) -> list[nn.Module]:
     """The ``name`` projection (``k_proj``/``v_proj``) of every decoder layer, in layer order.
 
@@ -70,9 +73,13 @@ def projection_modules(model: nn.Module, name: str) -> list[nn.Module]:
         found.setdefault(int(match.group(1)), module)
     n_layers = _num_hidden_layers(model)
     if sorted(found) != list(range(n_layers)):
+        fused = next((full for full, _ in model.named_modules() if _LAYER_RE.search(full)
+                      and full.rsplit(".", 1)[-1] in _FUSED_NAMES), None)
+        where = f"; {type(model).__name__} fuses them in `{fused}`" if fused else ""
         raise CaptureError(
-            f"expected a `{name}` module in each of the {n_layers} decoder layers, found it in {len(found)}; "
-            "TReFT needs separate key/value projections (fused qkv projections are not supported)"
+            f"expected a `{name}` module in each of the {n_layers} decoder layers, found it in {len(found)}{where}; "
+            "TReFT's kv terms and diagnose's K/V patches need separate key/value projections (fused qkv "
+            "projections are not supported): use kl / feature_l2, or a model with k_proj/v_proj"
         )
     return [found[i] for i in range(n_layers)]
 

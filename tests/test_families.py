@@ -192,3 +192,13 @@ def test_tiny_models_are_the_family_architecture(family, family_models, family_t
 
 
 assert set(EXPECTED) == set(MATRIX)
+
+
+def test_fused_qkv_refusal_names_the_module(family_models):
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_treft.capture import CaptureError, projection_modules
+
+    model = AutoModelForCausalLM.from_pretrained(family_models("phi3"))
+    with pytest.raises(CaptureError, match=r"Phi3ForCausalLM fuses them in `model\.layers\.0\.self_attn\.qkv_proj`"):
+        projection_modules(model, "k_proj")

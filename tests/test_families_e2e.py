@@ -93,3 +93,20 @@ def test_paper_study_dry_runs_retargeted_to_the_tiny_models(tmp_path, family_mod
     results = json.loads(line.removeprefix("TREFT_YAMLS "))
     assert len(results) == len(derived)
     assert [(r["name"], r.get("error")) for r in results if not r["ok"]] == []
+
+
+@pytest.mark.slow
+def test_fused_qkv_is_refused_at_start_up_naming_the_module(tmp_path, family_models):
+    """Phi-3 fuses q/k/v in ``qkv_proj``: a kv term is refused before the first step, naming the module; the
+    terms that do not read K/V (kl, feature_l2) train on it."""
+    phi3 = family_models("phi3")
+    refused = run_axolotl(tmp_path / "kv", phi3, {"plugins": PLUGINS, "max_steps": 2, "micro_batch_size": 2,
+                                                  "treft": {"kv": {"weight": 1.0, "tokens": "prefix"}}})
+    assert refused.returncode != 0
+    assert "Phi3ForCausalLM fuses them in `model.layers.0.self_attn.qkv_proj`" in refused.log
+    assert not refused.steps
+    trained = run_axolotl(tmp_path / "kl", phi3, {"plugins": PLUGINS, "max_steps": 2, "micro_batch_size": 2,
+                                                  "treft": {"kl": {"weight": 0.5, "on": "train", "tokens": "all"},
+                                                            "feature_l2": {"weight": 1.0, "layers": 1}}})
+    assert trained.returncode == 0, trained.log[-4000:]
+    assert len(trained.series("treft/kl")) == 2 and len(trained.series("treft/feature_l2")) == 2

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from ..capture import decoder_layers
+from ..capture import CaptureError, decoder_layers, projection_modules
 from ..cli.report import versions
 from ..judge import JudgeConfigError
 from ..resources import tasks_dir
@@ -246,7 +246,7 @@ def _probe_regions(tokenizer, regions: Sequence[str]) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         return _main(args)
-    except (InputError, TemplateSpanError, ModelMismatchError, TaskError, JudgeConfigError) as err:
+    except (InputError, TemplateSpanError, ModelMismatchError, TaskError, JudgeConfigError, CaptureError) as err:
         print(f"axolotl-treft diagnose: error: {err}", file=sys.stderr)
         return 2
 
@@ -268,6 +268,8 @@ def _main(args: argparse.Namespace) -> int:
     start = time.time()
     print(f"diagnose {args.task} ({', '.join(tasks)}) on {args.adapter or args.model} → {out}", flush=True)
     loaded = load_models(args.base_model, args.adapter, args.model, args.dtype, device)
+    if plan.patch:  # a model with fused qkv projections is refused here, not at its first K/V patch
+        projection_modules(loaded.model, "k_proj"), projection_modules(loaded.model, "v_proj")
     engine = InterventionEngine(loaded.model, loaded.tokenizer, loaded.initial)
     lm = DiagnoseLM(engine, batch_size=args.batch_size)
     out.mkdir(parents=True, exist_ok=True)
