@@ -202,3 +202,42 @@ def test_fused_qkv_refusal_names_the_module(family_models):
     model = AutoModelForCausalLM.from_pretrained(family_models("phi3"))
     with pytest.raises(CaptureError, match=r"Phi3ForCausalLM fuses them in `model\.layers\.0\.self_attn\.qkv_proj`"):
         projection_modules(model, "k_proj")
+
+
+def test_diagnose_with_the_adapter_off_gives_the_unpatched_generations(family, family_tokenizers, family_models):
+    """Every K/V region patched with the initial states, adapter disabled: generations equal the unpatched ones
+    exactly, on each family's architecture (Qwen3's k-norm, Gemma 4's sliding layers) and template."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_treft.diagnose.engine import REGIONS, InitialModel, Intervention, InterventionEngine
+    from tests.reg_harness import randomize_lora_b
+
+    tok = family_tokenizers(family)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    base = AutoModelForCausalLM.from_pretrained(family_models(family), dtype=torch.float32)
+    torch.manual_seed(1)
+    model = randomize_lora_b(get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                                             target_modules=["q_proj", "k_proj", "v_proj"])), 0.5)
+    model.eval()
+    engine = InterventionEngine(model, tok, InitialModel.of_adapter(model))
+    convs = [[S, U1], [U2], [{"role": "user", "content": "How do I bake bread at home?"}]]
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = engine.batch(convs, enc["input_ids"], enc["attention_mask"])
+
+    def generate(ids):
+        return model.generate(input_ids=ids, attention_mask=batch.attention_mask, max_new_tokens=4, do_sample=False,
+                              pad_token_id=tok.pad_token_id).tolist()
+
+    regions = [r for r in REGIONS if r != "postfix_empty"]  # another prompt's K/V: not the same state
+    for region in regions:
+        engine.kv_states(batch, region)
+    with torch.no_grad(), model.disable_adapter():
+        plain = generate(batch.input_ids)
+        for region in regions:
+            with engine.applied(Intervention("kv", region), batch) as ids:
+                assert generate(ids) == plain, region
