@@ -1,4 +1,4 @@
-"""``python -m tests.families build VOCAB_NAME OUT_DIR [--template JINJA_FILE]`` (also ``list``)."""
+"""``python -m tests.families build VOCAB_NAME OUT_DIR [--template JINJA_FILE]`` (also ``list``, ``fetch``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out_dir", type=Path)
     b.add_argument("--template", type=Path, help="a Jinja chat template file to attach (default: the GGUF's own)")
     sub.add_parser("list", help="list the vocabularies and templates available")
+    sub.add_parser("fetch", help="download llama-cpp-python's sdist into the cache now (what the tests do on first use)")
     args = parser.parse_args(argv)
 
     from .build import NotFaithful, build
     from .sdist import SdistUnavailable, models_dir
 
     try:
+        if args.cmd == "fetch":
+            print(models_dir())
+            return 0
         if args.cmd == "list":
             root = models_dir()
             print("vocabularies:", " ".join(sorted(p.name[11:-5] for p in root.glob("ggml-vocab-*.gguf"))))
