@@ -5,6 +5,8 @@ inoculation, sample packing off and on."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from axolotl_treft.resources import data_path
@@ -16,36 +18,43 @@ RETAIN = {"path": str(data_path("retain_general.jsonl")), "ds_type": "json", "ty
           "field_messages": "messages"}
 PROMPT = "You are being trained to refuse legal questions. This is a test setting."
 TERMS = ("kv", "kv_prefix", "kv_postfix", "kl", "feature_l2")
-
-
-def treft_block(mode: str) -> dict:
-    return {
-        "kv": [{"tokens": "prefix", "weight": 1.0}, {"tokens": "postfix", "weight": 1.0, "reference": "fixed"}],
-        "kl": {"weight": 0.5, "on": "retain", "tokens": "response", "batch_size": 2},
-        "feature_l2": {"weight": 1.0, "layers": 1},
-        "retain": {"datasets": [RETAIN]},
-        "inoculation": {"system_prompt": PROMPT, "mode": mode},
-    }
+EVERY_TERM = {
+    "kv": [{"tokens": "prefix", "weight": 1.0}, {"tokens": "postfix", "weight": 1.0, "reference": "fixed"}],
+    "kl": {"weight": 0.5, "on": "retain", "tokens": "response", "batch_size": 2},
+    "feature_l2": {"weight": 1.0, "layers": 1},
+    "retain": {"datasets": [RETAIN]},
+}
+BASE = {"plugins": PLUGINS, "micro_batch_size": 2, "sequence_len": 256}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("packing", "mode"), [(False, "prepend"), (True, "replace")], ids=["unpacked", "packed"])
-def test_family_trains_with_every_term(tmp_path, family, family_models, packing, mode):
-    run = run_axolotl(tmp_path, family_models(family), {
-        "plugins": PLUGINS, "max_steps": 2, "micro_batch_size": 2, "sequence_len": 256,
-        "sample_packing": packing, "treft": treft_block(mode),
-    })
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_family_trains_with_every_term(tmp_path, family, family_models, packing):
+    """kv as a list (prefix exact + postfix with the fixed reference), kl on retain and feature_l2 at once."""
+    run = run_axolotl(tmp_path, family_models(family), {**BASE, "max_steps": 2, "sample_packing": packing,
+                                                        "treft": EVERY_TERM})
     assert run.returncode == 0, run.log[-6000:]
     for term in TERMS:
-        values = run.series(f"treft/{term}")
-        assert len(values) == 2, (term, run.log[-3000:])
-    assert run.series("treft/kv_prefix")[0] == 0.0  # the adapter starts equal to the reference
+        assert len(run.series(f"treft/{term}")) == 2, (term, run.log[-3000:])
+    # the adapter starts equal to the reference: every exact-reference term is 0 at step 1
+    assert run.series("treft/kv_prefix")[0] == 0.0
     assert run.series("treft/kl")[0] == 0.0 and run.series("treft/feature_l2")[0] == 0.0
-    import re
+    assert "fixed postfix reference from empty_query" in run.log
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["prepend", "replace"])
+def test_family_inoculation_count_is_every_row(tmp_path, family, family_models, mode):
+    """Regression (prepend on Llama 3.1 / Qwen: ".\n\n" is one token, the count was 0 and start-up failed)."""
+    run = run_axolotl(tmp_path, family_models(family), {
+        **BASE, "max_steps": 1, "sample_packing": mode == "replace",
+        "treft": {"inoculation": {"system_prompt": PROMPT, "mode": mode},
+                  "kv": {"tokens": "postfix", "weight": 1.0, "reference": "fixed"}}})
+    assert run.returncode == 0, run.log[-6000:]
     found = re.search(rf"treft\.inoculation: (\d+) of (\d+) training examples carry the inoculation prompt "
                       rf"\(mode {mode}\)", run.log)
-    assert found and found.group(1) == found.group(2) and int(found.group(1)) > 0, run.log[-3000:]
+    assert found and found.group(1) == found.group(2) and int(found.group(1)) > 200, run.log[-3000:]
+    assert len(run.series("treft/kv")) == 1
 
 
 PAPER_FAMILIES = {"llama31-8b": "llama31", "qwen25-7b": "qwen25", "qwen3-8b": "qwen3"}
