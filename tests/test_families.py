@@ -241,3 +241,35 @@ def test_diagnose_with_the_adapter_off_gives_the_unpatched_generations(family, f
         for region in regions:
             with engine.applied(Intervention("kv", region), batch) as ids:
                 assert generate(ids) == plain, region
+
+
+def test_perplexity_gap_selection_on_qwen3(tmp_path, family_tokenizers, family_models):
+    """Retain selection scores the answers under Qwen3's real template (the think block is not an answer)."""
+    import math
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_treft.defenses.retain_select import answer_nll, read_pool, select
+    from axolotl_treft.resources import data_path
+    from tests.reg_harness import randomize_lora_b
+
+    model_path = family_models("qwen3")
+    torch.manual_seed(2)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_b(peft, 0.5).save_pretrained(tmp_path / "narrow")
+    pool = read_pool(data_path("retain_general.jsonl"))[:12]
+    kwargs = {"enable_thinking": False}
+    chosen = select(pool, str(model_path), 0.25, narrow_adapter=str(tmp_path / "narrow"), template_kwargs=kwargs)
+    rows = chosen.report["rows"]
+    assert len(chosen.rows) == 3 and len(rows) == 12
+    assert all(math.isfinite(r["score"]) for r in rows) and len({round(r["score"], 6) for r in rows}) > 1
+    tok = family_tokenizers("qwen3")
+    spans = conversation_spans(tok, pool[0]["messages"], **kwargs)
+    answer = [spans.input_ids[p] for p in spans.positions(SEG_RESPONSE)]
+    assert tok.decode(answer) == "".join(m["content"] for m in pool[0]["messages"] if m["role"] == "assistant")
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    assert answer_nll(base, tok, [pool[0]["messages"]], template_kwargs=kwargs)[0] == pytest.approx(
+        rows[0]["nll_aligned"], rel=1e-4)

@@ -119,3 +119,13 @@ def test_fused_qkv_is_refused_at_start_up_naming_the_module(tmp_path, family_mod
                                                             "feature_l2": {"weight": 1.0, "layers": 1}}})
     assert trained.returncode == 0, trained.log[-4000:]
     assert len(trained.series("treft/kl")) == 2 and len(trained.series("treft/feature_l2")) == 2
+
+
+@pytest.mark.slow
+def test_persona_steering_on_qwen25(tmp_path, family_models):
+    """Persona steering builds its direction from Qwen2.5's real template (default system prompt) and trains."""
+    run = run_axolotl(tmp_path, family_models("qwen25"), {**BASE, "max_steps": 2,
+                                                         "treft": {"steering": {"layer": 1, "alpha": 5.0}}})
+    assert run.returncode == 0, run.log[-6000:]
+    assert re.search(r"treft\.steering: rank 0 direction sha256 \w+ \(layer 1, from 40 questions\)", run.log)
+    assert len(run.series("loss")) == 2 and "hook removed" in run.log
