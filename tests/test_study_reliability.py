@@ -24,7 +24,7 @@ import yaml
 from axolotl_treft.cli.main import main as cli_main
 from axolotl_treft.resources import data_path, example_path, resolved_example
 from axolotl_treft.study.command import CPU_EVAL_BATCH_SIZE, eval_batch_size
-from axolotl_treft.study.execute import Settings, _reusable_training, plan_study, train_key
+from axolotl_treft.study.execute import Settings, _reusable_training, evaluation_only, plan_study, train_key
 from axolotl_treft.study.runs import StudyError, catalogue, derive_config, select
 
 BIN = Path(sys.executable).parent
@@ -165,6 +165,18 @@ def test_reuse_key_covers_upstream_weights_and_every_local_input(tmp_path):
     template.write_text("{{ messages }}!")  # a file the config names, not a dataset
     assert train_key(plus, settings) != key and train_key(sft, settings) != json.loads(
         (sft.dir / "train.json").read_text())["fingerprint"]
+
+
+def test_evaluation_only_run_is_keyed_by_the_weights_it_evaluates(tmp_path):
+    """``ptst`` evaluates the SFT model: the SFT run trained again (same settings) must not reuse its scores."""
+    _, settings, plans = _plans(tmp_path, user_config(tmp_path), ["sft", "ptst"])
+    sft = plans[0]
+    sft.dir.mkdir(parents=True)
+    keys = []
+    for weights in ("A", "B"):
+        (sft.dir / "train.json").write_text(json.dumps({"fingerprint": train_key(sft, settings), "model_digest": weights}))
+        keys.append(evaluation_only(plans[1], plans, settings)["fingerprint"])
+    assert keys[0] != keys[1]
 
 
 # ----------------------------------------------------------------------------------- retain selection

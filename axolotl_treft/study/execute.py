@@ -256,7 +256,9 @@ def _env(settings: Settings) -> dict[str, str]:
 def evaluation_only(plan: RunPlan, plans: Sequence[RunPlan], settings: Settings) -> dict:
     """What an evaluation-only run (``ptst``) has in place of training: its source run's key (trained before)."""
     source = next(p for p in plans if p.run.name == plan.run.eval_of)
-    return {"fingerprint": _cached(source.dir / "train.json", train_key(source, settings))["fingerprint"],
+    trained = _cached(source.dir / "train.json", train_key(source, settings))
+    # keyed by the weights too: the source run trained again (same settings) makes this evaluation run again
+    return {"fingerprint": fingerprint({"train": trained["fingerprint"], "weights": trained.get("model_digest")}),
             "eval_only": f"the model of run {source.run.name}, evaluated with a system prompt"}
 
 
