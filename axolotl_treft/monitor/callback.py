@@ -41,11 +41,11 @@ class MonitorCallback:
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._resume(state.global_step)
         # A resumed run's step was monitored (or not due) before its checkpoint was saved: never evaluated twice.
-        self._maybe_evaluate(state, model, due=state.global_step == 0)
+        self._maybe_evaluate(state, control, model, due=state.global_step == 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        self._maybe_evaluate(state, model, due=step % self.block.every == 0 or step >= state.max_steps)
+        self._maybe_evaluate(state, control, model, due=step % self.block.every == 0 or step >= state.max_steps)
 
     def _resume(self, step: int) -> None:
         if not is_main_process():
@@ -59,12 +59,14 @@ class MonitorCallback:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def _maybe_evaluate(self, state, model, due: bool) -> None:
+    def _maybe_evaluate(self, state, control, model, due: bool) -> None:
         """Rank 0 evaluates; the others wait at a barrier (the same decision on every rank)."""
         if not due:
             return
         if is_main_process():
+            should_log = control.should_log  # trainer.log() clears it: the step's loss would not be logged
             self._evaluate(state.global_step, model)
+            control.should_log = should_log
         accelerator = getattr(self.trainer, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1:
             accelerator.wait_for_everyone()
