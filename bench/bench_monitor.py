@@ -53,8 +53,9 @@ def run(workdir: Path, name: str, monitor: dict | None) -> dict:
         raise RuntimeError(f"{name} failed:\n{result.log[-3000:]}")
     rows = read_rows(result.output_dir / MONITOR_FILE)
     evals = {r["step"]: r["seconds"] for r in rows}  # one row per task; seconds are per evaluation
-    return {"name": name, "train_runtime": float(runtime[-1]), "process_wall": wall, "steps": len(result.steps),
-            "monitor_evals": sorted(evals), "monitor_seconds": sum(evals.values())}
+    return {"name": name, "train_runtime": float(runtime[-1]), "process_wall": round(wall, 1),
+            "steps": len(result.steps), "monitor_evals": dict(sorted(evals.items())),
+            "monitor_seconds": round(sum(evals.values()), 1)}
 
 
 def main() -> int:
@@ -75,10 +76,10 @@ def main() -> int:
     off = [r["train_runtime"] for r in rows if r["name"].startswith("off")]
     base = sum(off) / len(off)
     print(f"\nmonitor: {monitor}")
-    print(f"{'run':8} {'train_runtime s':>16} {'vs off':>8} {'monitor s':>10} {'evals at steps'}")
+    print(f"{'run':8} {'train_runtime s':>16} {'vs off':>8} {'monitor s':>10} {'monitor/off':>12}  seconds by step")
     for r in rows:
         print(f"{r['name']:8} {r['train_runtime']:16.1f} {r['train_runtime'] / base - 1:+8.1%} "
-              f"{r['monitor_seconds']:10.1f} {r['monitor_evals']}")
+              f"{r['monitor_seconds']:10.1f} {r['monitor_seconds'] / base:12.1%}  {r['monitor_evals']}")
     if args.json:
         args.json.write_text(json.dumps({"monitor": monitor, "runs": rows}, indent=2))
     return 0
