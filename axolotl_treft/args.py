@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     StrictInt,
     ValidationError,
@@ -22,17 +20,21 @@ from pydantic import (
 )
 
 from .config_checks import check_against_axolotl_cfg, check_betas, check_steering_layer
-from .defenses.steering import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
+from .defenses.config import (
+    Block,
+    InoculationConfig,
+    RetainConfig,
+    SafeLoRAConfig,
+    SteeringConfig,
+)
 from .spans import SEG_PREFIX, TOKEN_MODES
 
 TokenMode = Literal["prefix", "postfix", "prefix_postfix", "query", "all"]
 
 
-class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class KVConfig(_Block):
+class KVConfig(Block):
     """TReFT: keep the attention K/V of the chosen template tokens close to the initial model's.
 
     One K/V term; ``treft.kv`` takes one mapping or a list of them (several terms, each with its own tokens,
@@ -117,7 +119,7 @@ class KVConfig(_Block):
 FIXED_REFERENCE_MODES = ("postfix", "prefix_postfix", "prefix")
 
 
-class KLConfig(_Block):
+class KLConfig(Block):
     """λ · KL(p_ref ‖ p_θ) per token over the full vocabulary, averaged over the selected tokens."""
 
     weight: float = Field(ge=0, allow_inf_nan=False)
@@ -128,7 +130,7 @@ class KLConfig(_Block):
     )
 
 
-class FeatureL2Config(_Block):
+class FeatureL2Config(Block):
     """LDIFS: squared L2 between per-layer unit-normalized hidden states of the trained and initial model."""
 
     weight: float = Field(ge=0, allow_inf_nan=False)
@@ -143,7 +145,7 @@ class FeatureL2Config(_Block):
         return self
 
 
-class ConstrainedSFTConfig(_Block):
+class ConstrainedSFTConfig(Block):
     """Qi et al. 2025 Eq. 3: SFT on each response token replaced by −(2/β_t)·log σ(β_t·log(π_θ/π_aligned))."""
 
     betas: list[float] = Field([0.5, 2.0, 2.0, 2.0, 2.0], description="β_t of response tokens t = 1..len of each turn")
@@ -155,119 +157,7 @@ class ConstrainedSFTConfig(_Block):
         return check_betas(data)  # finite and > 0; errors name treft.constrained_sft.betas[i] / beta_rest
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~"))
-
-
-class RetainSelectConfig(_Block):
-    """Perplexity-gap retain selection ("Interleaving+"; ``drop_refusals`` makes it "Interleaving++")."""
-
-    narrow_model: str | None = Field(None, description="a model trained on the narrow task (path or hub id)")
-    narrow_adapter: str | None = Field(None, description="or a PEFT adapter of `base_model` trained on it")
-    top: float = Field(gt=0, le=1, description="share of the scored pool to keep, highest gap first")
-    drop_refusals: bool = Field(False, description="drop rows whose answer opens with a refusal word")
-    epsilon: float = Field(1e-3, gt=0, description="ε in (L_narrow − L_aligned) / (L_aligned + ε)")
-
-    @model_validator(mode="after")
-    def _check(self) -> RetainSelectConfig:
-        if (self.narrow_model is None) == (self.narrow_adapter is None):
-            raise ValueError("treft.retain.select: give exactly one of `narrow_model` and `narrow_adapter`")
-        for key in ("narrow_model", "narrow_adapter"):
-            value = getattr(self, key)
-            if value and _looks_local(value) and not Path(value).expanduser().exists():
-                raise ValueError(f"treft.retain.select.{key}: {value} does not exist")
-        return self
-
-
-class RetainConfig(_Block):
-    """Aligned examples from other domains: data interleaving and/or KL-on-retain."""
-
-    datasets: list[dict[str, Any]] = Field(description="Axolotl dataset specs, as under `datasets:`")
-    mix_ratio: float = Field(0.0, allow_inf_nan=False, description="fraction of the final training mix that is retain data")
-    seed: int | None = Field(None, description="sampling seed (default: the config's `seed`, else 42)")
-    select: RetainSelectConfig | None = Field(
-        None, description="Interleaving+: keep the pool rows a narrow model finds most unlikely (perplexity gap)",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> RetainConfig:
-        if not self.datasets:
-            raise ValueError("treft.retain.datasets: empty; list at least one Axolotl dataset spec")
-        if not 0.0 <= self.mix_ratio < 1.0:
-            raise ValueError(f"treft.retain.mix_ratio: {self.mix_ratio} is outside [0, 1)")
-        for i, ds in enumerate(self.datasets):
-            if "path" not in ds:
-                raise ValueError(f"treft.retain.datasets[{i}]: missing `path`")
-            path = Path(str(ds["path"]))
-            looks_local = path.suffix in {".json", ".jsonl", ".parquet", ".csv", ".arrow"} or str(ds["path"]).startswith(
-                (".", "/")
-            )
-            if looks_local and not path.exists():
-                raise ValueError(f"treft.retain.datasets[{i}].path: {path} does not exist")
-            if looks_local and path.is_file() and path.stat().st_size == 0:
-                raise ValueError(f"treft.retain.datasets[{i}].path: {path} is empty")
-        return self
-
-    @model_validator(mode="after")
-    def _check_select(self) -> RetainConfig:
-        if self.select is not None:
-            from .defenses.retain_select import check_pool_specs
-
-            check_pool_specs(self.datasets, key="treft.retain.datasets")
-        return self
-
-
-class InoculationConfig(_Block):
-    """Inoculation prompting: every training conversation gets this system prompt (training data only)."""
-
-    system_prompt: str = Field(description="the inoculation system prompt")
-    mode: Literal["replace", "prepend"] = Field(
-        "replace", description="replace the conversation's (or the template's default) system prompt, or go before it",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> InoculationConfig:
-        if not self.system_prompt.strip():
-            raise ValueError("treft.inoculation.system_prompt: empty; give the prompt to train with")
-        return self
-
-
-class SteeringConfig(_Block):
-    """Persona-vector preventive steering: add α·e to one decoder layer's output while training."""
-
-    layer: int = Field(description="decoder layer whose output is steered (negative = from the end)")
-    alpha: float = Field(5.0, gt=0, description="α; the direction e is the raw mean difference")
-    positive: str = Field(DEFAULT_POSITIVE, description="system prompt that elicits the trait")
-    negative: str = Field(DEFAULT_NEGATIVE, description="system prompt that elicits its opposite")
-    questions: str | None = Field(None, description="question file (JSONL with `question`, or text, one a line); "
-                                  "default: the shipped steering_questions.jsonl")
-
-    @model_validator(mode="after")
-    def _check(self) -> SteeringConfig:
-        for key in ("positive", "negative"):
-            if not getattr(self, key).strip():
-                raise ValueError(f"treft.steering.{key}: empty system prompt")
-        if self.positive.strip() == self.negative.strip():
-            raise ValueError("treft.steering.negative: identical to `positive`; the direction would be zero")
-        if self.questions is not None:
-            from .defenses.steering import load_questions
-
-            load_questions(self.questions, key="treft.steering.questions")
-        return self
-
-
-class SafeLoRAConfig(_Block):
-    """Post-training projection of the LoRA update onto the alignment subspace (SafeLoRA)."""
-
-    base_model: str = Field(description="the unaligned base model")
-    aligned_model: str = Field(description="the aligned (instruct) model")
-    select: Literal["top_k", "threshold"] = "top_k"
-    top_k: int = Field(10, ge=1)
-    threshold: float = Field(0.5, ge=-1.0, le=1.0, allow_inf_nan=False)
-    output_dir: str | None = Field(None, description="default: <output_dir>/safelora")
-
-
-class EvalConfig(_Block):
+class EvalConfig(Block):
     """``treft.eval``: lm-eval tasks on the final model (after SafeLoRA where configured), results under
     ``OUTPUT_DIR/eval/``."""
 
@@ -313,7 +203,7 @@ def _kv_term(value: Any, key: str) -> KVConfig:
         raise ValueError("; ".join(problems)) from None
 
 
-class TReFTConfig(_Block):
+class TReFTConfig(Block):
     kv: KVConfig | list[KVConfig] | None = None
     kl: KLConfig | None = None
     feature_l2: FeatureL2Config | None = None

@@ -66,9 +66,9 @@ class TReFTPlugin(BasePlugin):
         # Axolotl seeds only when the trainer is built, after the model (and LoRA init) load: leave the
         # global RNG exactly as a run without this plugin would, so `weight: 0` reproduces plain SFT.
         with torch.random.fork_rng(devices=[]):
+            check_data_files(cfg)
             check_template(cfg)
             self._prepare_newer_defenses(cfg)
-            check_data_files(cfg)
             retain = cfg.treft.retain
             kl = cfg.treft.kl
             if kl and kl.on == "retain":

@@ -25,6 +25,21 @@ def tasks_dir() -> Path:
     return _dir("axolotl_treft.evals")
 
 
+def pack_tasks() -> list[str]:
+    """Task and group names of the shipped lm-eval task pack (read from its YAML files, without lm-eval)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    names = []
+    for path in sorted(tasks_dir().glob("*.yaml")):
+        doc = yaml.load(path.read_text(), Loader=_Loader) or {}
+        names += [doc[k] for k in ("task", "group") if isinstance(doc.get(k), str)]
+    return sorted(set(names))
+
+
 def examples_dir() -> Path:
     """Directory of the example configs: ``example_yamls/`` in a checkout."""
     return _dir("axolotl_treft.example_yamls")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_treft.cli.main import main as cli_main
 from axolotl_treft.cli import report
+from axolotl_treft.cli.main import main as cli_main
 
 
 def _results(aligned=80.0, em_rate=0.05, ids=None, off=None, judge_model="judge-x", filt="judged") -> dict:

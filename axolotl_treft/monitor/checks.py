@@ -15,7 +15,7 @@ _TRUE = {"1", "true", "yes", "on"}
 
 def pack_names() -> set[str]:
     """Task, group and tag names of the shipped task pack (from its YAML files, without importing lm-eval)."""
-    from ..study.execute import pack_tasks
+    from ..resources import pack_tasks
 
     return set(pack_tasks()) | {"treft_em", "treft_offtopic"}
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..cli.report import find_results, load_results, summarize
-from ..resources import tasks_dir
+from ..resources import pack_tasks, tasks_dir
 from .keys import eval_key, fingerprint, input_digests, trained_digest
 from .runner import UNFINISHED, Stopped, mark_unfinished, parse_metrics, run_streaming, write_atomic
 from .runs import StudyError, StudyRun, derive_config
@@ -74,20 +74,6 @@ def executable(name: str) -> str:
         return name
     found = shutil.which(name)
     return name if found and Path(found).resolve() == local.resolve() else str(local)
-
-
-def pack_tasks() -> list[str]:
-    """Task and group names of the shipped lm-eval task pack (read from its YAML files, without lm-eval)."""
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    names = []
-    for path in sorted(tasks_dir().glob("*.yaml")):
-        doc = yaml.load(path.read_text(), Loader=_Loader) or {}
-        names += [doc[k] for k in ("task", "group") if isinstance(doc.get(k), str)]
-    return sorted(set(names))
 
 
 def check_tasks(tasks: Sequence[str]) -> None:
