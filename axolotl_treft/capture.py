@@ -14,13 +14,23 @@ is left alone; the decision depends on shapes, so a forward and its recompute al
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@contextmanager
+def registered(handles: Iterable[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Keep hooks registered for a ``with`` block; every one is removed on exit, also when the block raises or a
+    later registration fails (``handles`` is consumed one by one: pass a generator of registrations)."""
+    with ExitStack() as stack:
+        for handle in handles:
+            stack.callback(handle.remove)
+        yield
 
 
 class CaptureError(RuntimeError):

@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from .capture import registered
 from .log import get_logger
 
 LOG = get_logger(__name__)
@@ -255,8 +256,5 @@ def _head_inputs_at(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
         flat = hidden.reshape(-1, hidden.shape[-1])
         return (flat.index_select(0, keep.to(hidden.device)).unsqueeze(0), *args[1:])
 
-    handle = head.register_forward_pre_hook(gather)
-    try:
+    with registered([head.register_forward_pre_hook(gather)]):
         yield
-    finally:
-        handle.remove()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import decoder_layers, projection_modules
+from ..capture import decoder_layers, projection_modules, registered
 
 
 class UncachedGenerationError(RuntimeError):
@@ -100,11 +100,8 @@ def _capture_prefill(model: nn.Module, width: int, kv: bool, residual: bool) -> 
             return hook
 
         handles += [m.register_forward_pre_hook(keep_hidden(i), with_kwargs=True) for i, m in enumerate(layers)]
-    try:
+    with registered(handles):
         yield states
-    finally:
-        for h in handles:
-            h.remove()
     if kv:
         n = len(outs) // 2
         states.keys, states.values = outs[:n], outs[n:]
@@ -158,15 +155,10 @@ def patch_kv(model: nn.Module, states: PrefillStates, mask: torch.Tensor,
             return torch.where(where, reference.to(out.dtype), out)
         return hook
 
-    handles = []
-    for layer in chosen:
-        handles.append(keys[layer].register_forward_hook(make(2 * layer, states.keys[layer])))
-        handles.append(values[layer].register_forward_hook(make(2 * layer + 1, states.values[layer])))
-    try:
+    slots = [(keys[layer], 2 * layer, states.keys[layer]) for layer in chosen]
+    slots += [(values[layer], 2 * layer + 1, states.values[layer]) for layer in chosen]
+    with registered(module.register_forward_hook(make(slot, ref)) for module, slot, ref in slots):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -181,8 +173,5 @@ def patch_residual(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, l
             return None
         return _with_hidden(args, kwargs, torch.where(where, hidden.to(h.dtype), h))
 
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with registered([decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)]):
         yield
-    finally:
-        handle.remove()
