@@ -172,18 +172,6 @@ class Selection:
     report: dict
 
 
-def _load(path: str, dtype, device, adapter: str | None = None):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.to(device).eval()
-
-
 def _per_row(value, n: int) -> list:
     return list(value) if isinstance(value, list) else [value] * n
 
@@ -199,6 +187,8 @@ def select(pool: list[dict], base_model: str, top: float, narrow_model: str | No
     retain files); ``tokenizer`` (default: ``base_model``'s) and ``template_kwargs`` render every row."""
     import torch
     from transformers import AutoTokenizer
+
+    from ..loading import load_model
 
     if (narrow_model is None) == (narrow_adapter is None):
         raise ValueError("give exactly one of narrow_model and narrow_adapter")
@@ -223,15 +213,16 @@ def select(pool: list[dict], base_model: str, top: float, narrow_model: str | No
     score = {"tokenizer": tokenizer, "conversations": convs, "chat_template": templates, "batch_size": batch_size,
              "device": device, "template_kwargs": template_kwargs}
     if narrow_adapter is not None:  # one model: the adapter on (narrow) and off (aligned)
-        model = _load(base_model, dtype, device, adapter=narrow_adapter)
+        model = load_model(base_model, narrow_adapter, dtype, device, adapter_label="narrow adapter",
+                           base_label=f"base model {base_model}")
         narrow = answer_nll(model, **score)
         with model.disable_adapter():
             aligned = answer_nll(model, **score)
     else:
-        model = _load(base_model, dtype, device)
+        model = load_model(base_model, dtype=dtype, device=device)
         aligned = answer_nll(model, **score)
         del model
-        model = _load(narrow_model, dtype, device)
+        model = load_model(narrow_model, dtype=dtype, device=device)
         narrow = answer_nll(model, **score)
     del model
     scores = dict(zip(candidates, gap_scores(narrow, aligned, epsilon), strict=True))

@@ -47,14 +47,13 @@ def final_eval(cfg: Any, model, tokenizer, trainer: Any = None, safelora_dir: Pa
 def load_projected(cfg: Any, adapter_dir: Path):
     """The base model with SafeLoRA's projected adapter, in the training dtype, on the training device."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from ..loading import load_model
 
     dtype = torch.bfloat16 if cfg.get("bf16") is True else torch.float16 if cfg.get("fp16") is True else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = AutoModelForCausalLM.from_pretrained(str(cfg.base_model), dtype=dtype,
-                                                trust_remote_code=bool(cfg.get("trust_remote_code")))
-    return PeftModel.from_pretrained(base.to(device), str(adapter_dir)).eval()
+    return load_model(str(cfg.base_model), adapter_dir, dtype, device, bool(cfg.get("trust_remote_code")),
+                      adapter_label="SafeLoRA's projected adapter", base_label="base_model")
 
 
 def run_after_training(cfg: Any, model, trainer: Any, run_started: float | None, safelora: str | None) -> bool:
