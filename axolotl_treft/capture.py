@@ -103,7 +103,9 @@ class ActivationCapture:
         self._replay: torch.Tensor | None = None
         self._armed_rows = self._replay_rows = -1  # batch × time of the armed (with grad) / replayed forward
         self._outputs: list[torch.Tensor | None] = [None] * len(self.modules)
-        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(self.modules)]
+        self._hooks = ExitStack()  # registered(...) held open until remove()
+        self._hooks.enter_context(registered(m.register_forward_hook(self._make_hook(i))
+                                             for i, m in enumerate(self.modules)))
 
     def _make_hook(self, slot: int):
         def hook(_module, _inputs, output):
@@ -141,6 +143,4 @@ class ActivationCapture:
         self._replay, self._replay_rows = None, -1
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.close()

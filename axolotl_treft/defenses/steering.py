@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -121,10 +122,13 @@ class SteeringHook:
     """Adds ``vector`` to a module's output on every token, only while the module is in training mode."""
 
     def __init__(self, module, vector):
+        from ..capture import registered
+
         self.module = module
         self.vector = vector
         self._cast = {}
-        self._handle = module.register_forward_hook(self._add)
+        self._hooks = ExitStack()  # registered(...) held open across the training callbacks until remove()
+        self._hooks.enter_context(registered([module.register_forward_hook(self._add)]))
 
     def _add(self, module, _inputs, output):
         if not module.training:
@@ -137,9 +141,7 @@ class SteeringHook:
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._hooks.close()
 
 
 def _model_signature(path: str) -> list:
