@@ -261,6 +261,18 @@ def plain_data(value: Any) -> Any:
     return value
 
 
+def treft_settings(cfg: Mapping[str, Any] | None) -> TReFTConfig | None:
+    """The ``treft:`` block of a validated Axolotl config as typed settings (None without one).
+
+    Axolotl keeps its config as an untyped ``DictDefault`` after validation, where a misspelled key reads as None.
+    The plugin resolves the settings once, at its first hook after validation, and passes them on; code that
+    Axolotl calls with the config alone (a dataset strategy) resolves them here."""
+    block = cfg.get("treft") if cfg else None
+    if not block:
+        return None
+    return block if isinstance(block, TReFTConfig) else TReFTConfig.model_validate(plain_data(block))
+
+
 def kv_terms(treft: Any) -> list[KVConfig]:
     """The K/V terms of a ``treft:`` block (validated model, or Axolotl's DictDefault/plain mapping)."""
     if not treft:

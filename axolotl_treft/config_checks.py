@@ -6,6 +6,7 @@ Called by :class:`axolotl_treft.args.TReFTArgs`' validators on the raw config di
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ REGULARIZER_KEYS = ("kv", "kl", "feature_l2", "constrained_sft")
 
 def regularizers_on(treft: Any) -> list[str]:
     """The regularizer keys set in a ``treft:`` block (``constrained_sft: {}``, all defaults, counts)."""
-    return [key for key in REGULARIZER_KEYS if treft.get(key) is not None and treft.get(key) is not False]
+    values = {key: treft.get(key) if isinstance(treft, Mapping) else getattr(treft, key, None) for key in REGULARIZER_KEYS}
+    return [key for key, value in values.items() if value is not None and value is not False]
 
 
 def check_betas(block: Any) -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .args import kv_terms
+from .args import TReFTConfig, kv_terms, treft_settings
+from .defenses.config import RetainConfig
 from .log import get_logger
 from .spans import (
     SEG_MISMATCH,
@@ -90,7 +91,7 @@ def _examples(dataset, rows: list[int], tokenizer) -> str:
     return "\n".join(lines)
 
 
-def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
+def check_training_samples(cfg, dataset, tokenizer=None, settings: TReFTConfig | None = None) -> SampleAudit | None:
     """Start-up audit of the tokenized training set, before any training step.
 
     A run in which no sample has a supervised token is refused. With ``treft.kv``: samples with no token of the
@@ -107,7 +108,7 @@ def check_training_samples(cfg, dataset, tokenizer=None) -> SampleAudit | None:
             f"dropped. Most often every conversation is longer than `sequence_len: {cfg.sequence_len}` (Axolotl "
             "drops those): raise `sequence_len`, set `excess_length_strategy: truncate`, or use shorter rows"
         )
-    terms = kv_terms(cfg.treft)
+    terms = kv_terms(settings or treft_settings(cfg))
     audits = [(kv, audit_samples(dataset, kv.tokens)) for kv in terms] or [(None, audit_samples(dataset, None))]
     kv, audit = max(audits, key=lambda pair: len(pair[1].unregularized))  # the term with the most samples lacking
     if audit.total and len(audit.unsupervised) == audit.total:
@@ -142,10 +143,11 @@ def _data_paths(cfg) -> str:
 JSON_SUFFIXES = (".json", ".jsonl")
 
 
-def check_data_files(cfg) -> None:
+def check_data_files(cfg, settings: TReFTConfig | None = None) -> None:
     """Every local JSON / JSON-lines file under ``datasets:``, ``test_datasets:`` and ``treft.retain.datasets``
     must parse, before Axolotl loads it (its loader's error names neither the file nor the line)."""
-    retain = cfg.treft.retain if cfg.treft else None
+    settings = settings or treft_settings(cfg)
+    retain = settings.retain if settings else None
     lists = {"datasets": cfg.datasets, "test_datasets": cfg.test_datasets,
              "treft.retain.datasets": retain.datasets if retain else None}
     for key, specs in lists.items():
@@ -210,9 +212,9 @@ def fixed_postfix_conversation(cfg, tokenizer) -> ConversationSpans:
     return empty_query_spans(tokenizer, templates[0] if templates else None, **(cfg.chat_template_kwargs or {}))
 
 
-def check_template(cfg) -> None:
+def check_template(cfg, settings: TReFTConfig | None = None) -> None:
     """Fail before any model loads if the chat template does not expose the spans TReFT needs."""
-    terms = kv_terms(cfg.treft)
+    terms = kv_terms(settings or treft_settings(cfg))
     if not terms:
         return
     from .defenses.inoculation import INOCULATED_TYPE
@@ -232,7 +234,7 @@ def check_template(cfg) -> None:
                  spans.segments.count(1), spans.segments.count(3))
 
 
-def load_retain_dataset(cfg):
+def load_retain_dataset(cfg, retain: RetainConfig):
     """Tokenize ``treft.retain.datasets`` with Axolotl's own pipeline (any dataset type it supports)."""
     import copy
 
@@ -240,7 +242,6 @@ def load_retain_dataset(cfg):
     from axolotl.utils.dict import DictDefault
     from axolotl.utils.schemas.datasets import SFTDataset
 
-    retain = cfg.treft.retain
     specs = []
     for i, raw in enumerate(retain.datasets):
         spec = dict(raw)
@@ -288,15 +289,14 @@ def mix_with_retain(train, retain, mix_ratio: float, seed: int):
     return mixed, counts
 
 
-def load_datasets_with_retain(cfg, preprocess: bool = False):
+def load_datasets_with_retain(cfg, retain: RetainConfig, preprocess: bool = False):
     """Axolotl's training set interleaved with ``treft.retain.mix_ratio`` of retain examples."""
     from axolotl.common.datasets import TrainDatasetMeta, load_datasets
     from axolotl.utils.trainer import calculate_total_num_steps
 
-    retain = cfg.treft.retain
     meta = load_datasets(cfg=cfg)
     seed = retain.seed if retain.seed is not None else (cfg.seed if cfg.seed is not None else 42)
-    mixed, counts = mix_with_retain(meta.train_dataset, load_retain_dataset(cfg), retain.mix_ratio, seed)
+    mixed, counts = mix_with_retain(meta.train_dataset, load_retain_dataset(cfg, retain), retain.mix_ratio, seed)
     LOG.info(
         "treft.retain: training mix = %d train + %d retain examples (%.1f%% retain; %d distinct retain examples)",
         counts["train"], counts["retain"], 100 * counts["retain_fraction"], counts["retain_available"],

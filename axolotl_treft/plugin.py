@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from axolotl.integrations.base import BasePlugin
 
 from .config_checks import uses_trainer
 from .log import get_logger
 from .spans import CHAT_TEMPLATE_TYPE, SEGMENTED_TYPE
+
+if TYPE_CHECKING:
+    from .args import TReFTConfig
 
 LOG = get_logger(__name__)
 
@@ -27,13 +31,25 @@ def warn_about_raw_config(cfg: dict) -> list[str]:
 class TReFTPlugin(BasePlugin):
     """Token-Regularized Finetuning and the comparison regularizers for Axolotl."""
 
-    retain_dataset = None  # tokenized retain set, for KL on retain
-    run_started: float | None = None  # SafeLoRA projects only adapter weights saved after this time
-    trainer = None  # set in add_callbacks_post_trainer
-    evaluated = False  # treft.eval ran (post_train is called twice)
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings: TReFTConfig | None = None  # the typed treft: block, resolved once after validation
+        self.resolved = False
+        self.retain_dataset = None  # tokenized retain set, for KL on retain
+        self.run_started: float | None = None  # SafeLoRA projects only adapter weights saved after this time
+        self.trainer = None  # set in add_callbacks_post_trainer
+        self.evaluated = False  # treft.eval ran (post_train is called twice)
 
     def get_input_args(self) -> str:
         return "axolotl_treft.args.TReFTArgs"
+
+    def _settings(self, cfg) -> TReFTConfig | None:
+        """The typed ``treft:`` settings, resolved at the first hook after Axolotl validated the config."""
+        if not self.resolved:
+            from .args import treft_settings
+
+            self.settings, self.resolved = treft_settings(cfg), True
+        return self.settings
 
     def register(self, cfg: dict) -> None:
         """Warn about typos in the raw config; switch ``type: chat_template`` datasets to the same type plus
@@ -57,7 +73,8 @@ class TReFTPlugin(BasePlugin):
 
     def load_datasets(self, cfg, preprocess: bool = False):
         """Check the chat template at start-up; build the interleaved mix when ``treft.retain`` asks."""
-        if not cfg.treft:
+        settings = self._settings(cfg)
+        if not settings:
             return None
         import torch
 
@@ -66,35 +83,34 @@ class TReFTPlugin(BasePlugin):
         # Axolotl seeds only when the trainer is built, after the model (and LoRA init) load: leave the
         # global RNG exactly as a run without this plugin would, so `weight: 0` reproduces plain SFT.
         with torch.random.fork_rng(devices=[]):
-            check_data_files(cfg)
-            check_template(cfg)
-            self._prepare_newer_defenses(cfg)
-            retain = cfg.treft.retain
-            kl = cfg.treft.kl
-            if kl and kl.on == "retain":
-                self.retain_dataset = load_retain_dataset(cfg)
+            check_data_files(cfg, settings)
+            check_template(cfg, settings)
+            self._prepare_newer_defenses(cfg, settings)
+            retain = self.settings.retain  # retain selection may have replaced its datasets
+            if settings.kl and settings.kl.on == "retain":
+                self.retain_dataset = load_retain_dataset(cfg, retain)
             if retain and retain.mix_ratio:
-                return load_datasets_with_retain(cfg, preprocess=preprocess)
+                return load_datasets_with_retain(cfg, retain, preprocess=preprocess)
         return None
 
-    @staticmethod
-    def _prepare_newer_defenses(cfg) -> None:
-        """Start-up work of inoculation (template check) and retain selection (writes the selected file)."""
-        if cfg.treft.inoculation:
+    def _prepare_newer_defenses(self, cfg, settings: TReFTConfig) -> None:
+        """Start-up work of inoculation (template check) and retain selection (writes the selected files)."""
+        if settings.inoculation:
             from axolotl.loaders import load_tokenizer
 
             from .defenses.inoculation import check_inoculation
 
             check_inoculation(cfg, load_tokenizer(cfg))
-        if cfg.treft.retain and cfg.treft.retain.select:
+        if settings.retain and settings.retain.select:
             from .defenses.retain_select import select_at_startup
 
-            select_at_startup(cfg)
+            self.settings = settings.model_copy(update={"retain": select_at_startup(cfg, settings.retain)})
 
     def get_trainer_cls(self, cfg):
-        if cfg.rl and uses_trainer(cfg.treft):  # the config validator refuses this; never hand RL an SFT trainer
+        settings = self._settings(cfg)
+        if cfg.rl and uses_trainer(settings):  # the config validator refuses this; never hand RL an SFT trainer
             raise ValueError(f"rl: treft regularizers run on the SFT trainer only; remove `rl: {cfg.rl}`")
-        if uses_trainer(cfg.treft):
+        if uses_trainer(settings):
             from .trainer import TReFTTrainer
 
             return TReFTTrainer
@@ -104,45 +120,49 @@ class TReFTPlugin(BasePlugin):
         from .datasets import check_training_samples
         from .trainer import TReFTTrainer
 
-        if not cfg.treft:
+        settings = self._settings(cfg)
+        if not settings:
             return
-        check_training_samples(cfg, trainer.train_dataset, getattr(trainer, "processing_class", None))
-        if cfg.treft and cfg.treft.inoculation:
+        check_training_samples(cfg, trainer.train_dataset, getattr(trainer, "processing_class", None), settings)
+        if settings.inoculation:
             from .defenses.inoculation import log_inoculated_count
 
-            log_inoculated_count(cfg, trainer)
+            log_inoculated_count(cfg, settings.inoculation, trainer)
 
         if isinstance(trainer, TReFTTrainer):
-            trainer.configure_treft(cfg, retain_dataset=self.retain_dataset)
+            trainer.configure_treft(cfg, retain_dataset=self.retain_dataset, settings=settings)
             LOG.info("treft: regularizers active: %s", [r.key for r in trainer.treft_regularizers])
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         self.trainer = trainer  # treft.eval logs its metrics through it after training
+        settings = self._settings(cfg)
         callbacks = []
-        if cfg.treft and cfg.treft.steering:
+        if settings and settings.steering:
             from .defenses.steering import SteeringCallback
 
-            callbacks.append(SteeringCallback(cfg, trainer))
-        if cfg.treft and cfg.treft.monitor:
+            callbacks.append(SteeringCallback(cfg, trainer, settings.steering))
+        if settings and settings.monitor:
             from .monitor import monitor_callback
 
-            callbacks.append(monitor_callback(cfg, trainer))
+            callbacks.append(monitor_callback(cfg, trainer, settings.monitor))
         return callbacks
 
     def pre_model_load(self, cfg) -> None:
-        if cfg.treft and (cfg.treft.safelora or cfg.treft.eval) and self.run_started is None:
+        settings = self._settings(cfg)
+        if settings and (settings.safelora or settings.eval) and self.run_started is None:
             self.run_started = time.time()
 
     def post_train(self, cfg, model) -> None:
+        settings = self._settings(cfg)
         safelora = None
-        if cfg.treft and cfg.treft.safelora:
+        if settings and settings.safelora:
             from .defenses.safelora import apply_after_training
 
             safelora = apply_after_training(cfg, not_before=self.run_started)
-        if cfg.treft and cfg.treft.eval and not self.evaluated:
+        if settings and settings.eval and not self.evaluated:
             from .monitor import run_after_training
 
-            self.evaluated = run_after_training(cfg, model, getattr(self, "trainer", None), self.run_started, safelora)
+            self.evaluated = run_after_training(cfg, settings, model, self.trainer, self.run_started, safelora)
 
 
 class SeedPlugin(BasePlugin):

@@ -19,6 +19,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .args import KLConfig, TReFTConfig, treft_settings
 from .collator import SegmentsCollator
 from .log import get_logger
 from .reference import Reference, shared_reference
@@ -82,8 +83,9 @@ class TReFTTrainer(AxolotlTrainer):
         self._treft_resumed = False
 
     # -- configuration -----------------------------------------------------------------------------
-    def configure_treft(self, cfg, retain_dataset=None) -> None:
-        """Build the regularizers from ``cfg.treft`` once (``TReFTPlugin.post_trainer_create`` calls this).
+    def configure_treft(self, cfg, retain_dataset=None, settings: TReFTConfig | None = None) -> None:
+        """Build the regularizers from the typed ``treft:`` settings once (``TReFTPlugin.post_trainer_create``
+        passes them; default: resolved from ``cfg``).
 
         Axolotl ≥ 0.20's trainer builder sets ``axolotl_cfg`` and calls ``post_set_axolotl_cfg`` itself, before
         the plugin hook runs (0.19 leaves both to the plugin): building here, from the hook that also hands over
@@ -92,9 +94,10 @@ class TReFTTrainer(AxolotlTrainer):
         """
         if self.treft_configured:
             raise RuntimeError("treft: the trainer's regularizers were already built")
+        settings = settings or treft_settings(cfg)
         self.axolotl_cfg = cfg
-        self.treft_retain_stream = self._retain_stream(retain_dataset)
-        self.treft_regularizers = build_regularizers(cfg.treft, self, retain_batches=self.treft_retain_stream)
+        self.treft_retain_stream = self._retain_stream(retain_dataset, settings.kl)
+        self.treft_regularizers = build_regularizers(settings, self, retain_batches=self.treft_retain_stream)
         self._treft_reference = shared_reference(self)  # persona steering may have made it already
         for reg in self.treft_regularizers:
             reg.check_model(self._treft_reference.policy)
@@ -128,7 +131,7 @@ class TReFTTrainer(AxolotlTrainer):
                 "(the release with the fix, deepspeedai/DeepSpeed#8148)"
             )
 
-    def _retain_stream(self, dataset) -> RetainStream | None:
+    def _retain_stream(self, dataset, kl: KLConfig | None) -> RetainStream | None:
         """Seeded (per rank) micro-batches of the retain set for KL on retain; None without one."""
         if dataset is None:
             return None
@@ -137,7 +140,6 @@ class TReFTTrainer(AxolotlTrainer):
         columns = [c for c in ("input_ids", "attention_mask", "labels", SEGMENTS_KEY) if c in dataset.column_names]
         collate = SegmentsCollator(DataCollatorForSeq2Seq(self.processing_class, padding=True, pad_to_multiple_of=8),
                                    padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
-        kl = self.axolotl_cfg.treft.kl
         size = kl.batch_size if kl is not None and kl.batch_size else self.args.per_device_train_batch_size
         LOG.info("treft: KL-on-retain batches of %d retain rows per step", size)
         return RetainStream(dataset.select_columns(columns), collate, size,

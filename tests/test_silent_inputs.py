@@ -222,13 +222,14 @@ def test_steering_layer_out_of_range_is_refused_at_start_up(tiny_llama_dir, tmp_
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     for layer, ok in ((5, False), (-3, False), (-2, True)):
-        cfg = DictDefault({"treft": {"steering": SteeringConfig(layer=layer)}, "base_model": "hub/unknown"})
+        block = SteeringConfig(layer=layer)
+        cfg = DictDefault({"treft": {"steering": block}, "base_model": "hub/unknown"})
         trainer = SimpleNamespace(model=model, accelerator=Accelerator(cpu=True), train=lambda: None)
         if ok:
-            assert SteeringCallback(cfg, trainer).index == 0
+            assert SteeringCallback(cfg, trainer, block).index == 0
             continue
         with pytest.raises(ValueError, match=rf"treft\.steering\.layer: layer index {layer} is out of range .* 2 layers"):
-            SteeringCallback(cfg, trainer)
+            SteeringCallback(cfg, trainer, block)
 
 
 # ------------------------------------------------------------------------------------- the reference model

@@ -213,6 +213,7 @@ def _startup_cfg(tmp_path: Path, model: Path, narrow: Path, specs: list[dict], n
 def test_retain_selection_renders_each_spec_as_configured_in_the_runs_dtype(tmp_path, smollm2_dir, smollm2_lora_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from axolotl_treft.args import treft_settings
     from axolotl_treft.defenses.retain_select import answer_nll, read_pool, select_at_startup
 
     rows = read_pool(RETAIN)
@@ -223,8 +224,7 @@ def test_retain_selection_renders_each_spec_as_configured_in_the_runs_dtype(tmp_
              {"path": str(second), "type": "chat_template", "field_messages": "conversations",
               "chat_template": "jinja", "chat_template_jinja": CUSTOM_TEMPLATE}]
     cfg = _startup_cfg(tmp_path, smollm2_dir, smollm2_lora_dir, specs, narrow_key="narrow_adapter")
-    select_at_startup(cfg)
-    kept = cfg.treft.retain.datasets
+    kept = select_at_startup(cfg, treft_settings(cfg).retain).datasets
     assert [{k: v for k, v in d.items() if k != "path"} for d in kept] == [
         {k: v for k, v in s.items() if k != "path"} for s in specs]  # each spec keeps its own options
     assert [len(read_pool(d["path"], d["field_messages"])) for d in kept] == [10, 10]
@@ -241,6 +241,7 @@ def test_retain_selection_renders_each_spec_as_configured_in_the_runs_dtype(tmp_
 
 
 def test_retain_selection_cache_key_covers_the_narrow_weights_and_template_kwargs(tmp_path, tiny_llama_dir):
+    from axolotl_treft.args import treft_settings
     from axolotl_treft.defenses.retain_select import select_at_startup
 
     narrow = _narrow(tiny_llama_dir, tmp_path / "narrow", 0)
@@ -249,8 +250,7 @@ def test_retain_selection_cache_key_covers_the_narrow_weights_and_template_kwarg
 
     def selected() -> set[str]:
         cfg = _startup_cfg(tmp_path, tiny_llama_dir, narrow, [spec])
-        select_at_startup(cfg)
-        return {Path(d["path"]).name for d in cfg.treft.retain.datasets}
+        return {Path(d["path"]).name for d in select_at_startup(cfg, treft_settings(cfg).retain).datasets}
 
     one = selected()
     assert selected() == one and len(list(root.glob("*.jsonl"))) == 1  # the same inputs: reused
@@ -258,8 +258,7 @@ def test_retain_selection_cache_key_covers_the_narrow_weights_and_template_kwarg
     two = selected()
     assert two != one and len(list(root.glob("*.jsonl"))) == 2
     cfg = _startup_cfg(tmp_path, tiny_llama_dir, narrow, [spec], chat_template_kwargs={"enable_thinking": False})
-    select_at_startup(cfg)
-    assert {Path(d["path"]).name for d in cfg.treft.retain.datasets} not in (one, two)
+    assert {Path(d["path"]).name for d in select_at_startup(cfg, treft_settings(cfg).retain).datasets} not in (one, two)
 
 
 def test_retain_selection_refuses_spec_options_it_would_not_apply(tmp_path):

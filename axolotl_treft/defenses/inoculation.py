@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy, StrategyLoader
 
 from ..chat_template import SegmentedChatTemplateStrategy
 from ..log import get_logger
 from ..spans import TemplateSpanError, default_system_prompt
+
+if TYPE_CHECKING:
+    from .config import InoculationConfig
 
 LOG = get_logger(__name__)
 
@@ -65,8 +69,11 @@ class InoculationLoader(StrategyLoader):
         return InoculatedSegmentedStrategy if uses_trainer(cfg.treft) else InoculatedChatTemplateStrategy
 
     def __call__(self, tokenizer, cfg, ds_cfg=None, processor=None):
+        from .config import InoculationConfig
+
         strategy = super().__call__(tokenizer, cfg, ds_cfg=ds_cfg, processor=processor)
-        block = cfg.treft.inoculation
+        # Axolotl calls a dataset strategy with its config alone: type the block here
+        block = InoculationConfig.model_validate({k: v for k, v in cfg.treft.inoculation.items() if v is not None})
         strategy.treft_system_prompt = block.system_prompt
         strategy.treft_mode = block.mode
         if block.mode == "prepend":
@@ -157,13 +164,12 @@ def count_inoculated(dataset, needle: list[int]) -> int:
     return found
 
 
-def log_inoculated_count(cfg, trainer) -> int:
+def log_inoculated_count(cfg, block: InoculationConfig, trainer) -> int:
     """Log how many training rows carry the inoculation prompt; none is an error (the prompt was lost)."""
     from axolotl.utils.chat_templates import get_chat_template_from_config
 
     tokenizer = trainer.processing_class
     template = get_chat_template_from_config(cfg=cfg, ds_cfg=(cfg.datasets or [None])[0], tokenizer=tokenizer)
-    block = cfg.treft.inoculation
     kwargs = cfg.chat_template_kwargs or {}
     default = default_system_prompt(tokenizer, template, **kwargs) if block.mode == "prepend" else ""
     needle = prompt_token_ids(tokenizer, template, block.system_prompt, block.mode, default, **kwargs)

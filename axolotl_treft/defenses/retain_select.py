@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..log import get_logger
 
@@ -263,15 +264,14 @@ def _config_dtype(cfg) -> str:
     return str(cfg.torch_dtype or "float32").removeprefix("torch.")
 
 
-def _startup_key(cfg, specs: list[dict], templates: list, tokenizer, dtype: str) -> str:
+def _startup_key(cfg, block: Any, specs: list[dict], templates: list, tokenizer, dtype: str) -> str:
     """Every input of the selection: pool files, each spec's options, both models (the narrow one by its
     weights), the tokenizer and chat templates that render the pool, the template kwargs, dtype and settings."""
-    block = cfg.treft.retain.select
-    narrow = block.get("narrow_adapter") or block.get("narrow_model")
+    narrow = block.narrow_adapter or block.narrow_model
     inputs = {
         "pools": [hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() for s in specs],
         "specs": [{k: v for k, v in s.items() if k != "path"} for s in specs],
-        "settings": {k: block.get(k) for k in ("narrow_model", "narrow_adapter", "top", "drop_refusals", "epsilon")},
+        "settings": {k: getattr(block, k) for k in ("narrow_model", "narrow_adapter", "top", "drop_refusals", "epsilon")},
         "narrow_weights": model_digest(str(narrow)), "base_model": str(cfg.base_model),
         "tokenizer": [str(cfg.tokenizer_config or cfg.base_model), len(tokenizer)], "templates": templates,
         "template_kwargs": dict(cfg.chat_template_kwargs or {}), "dtype": dtype,
@@ -279,8 +279,9 @@ def _startup_key(cfg, specs: list[dict], templates: list, tokenizer, dtype: str)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def select_at_startup(cfg) -> None:
-    """``treft.retain.select``: score the retain files, write the selection, and retain on it instead.
+def select_at_startup(cfg, retain: Any) -> Any:
+    """``treft.retain.select``: score the retain files, write the selection; returns the typed ``retain`` block
+    (``defenses.config.RetainConfig``) with its datasets replaced by the selected files.
 
     The pool is rendered as the run renders its data (the config's tokenizer, each spec's chat template,
     ``chat_template_kwargs``) and scored in the run's dtype. Rank 0 scores the specs' rows together and
@@ -293,13 +294,13 @@ def select_at_startup(cfg) -> None:
     from axolotl.utils.chat_templates import get_chat_template_from_config
     from axolotl.utils.distributed import is_main_process, zero_first
 
-    retain, block = cfg.treft.retain, cfg.treft.retain.select
+    block = retain.select
     specs = [dict(s) for s in retain.datasets]
     tokenizer = load_tokenizer(cfg)
     templates = [get_chat_template_from_config(cfg=cfg, ds_cfg=s, tokenizer=tokenizer) for s in specs]
     fields = [s.get("field_messages") or "messages" for s in specs]
     dtype = _config_dtype(cfg)
-    key = _startup_key(cfg, specs, templates, tokenizer, dtype)
+    key = _startup_key(cfg, block, specs, templates, tokenizer, dtype)
     root = Path(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH) / "treft_retain_select"
     outs = [root / f"{key}.{i}.jsonl" for i in range(len(specs))]
     with zero_first(is_main_process()):
@@ -309,7 +310,7 @@ def select_at_startup(cfg) -> None:
             pools = [read_pool(s["path"], f) for s, f in zip(specs, fields, strict=True)]
             owner = [i for i, rows in enumerate(pools) for _ in rows]
             selection = select([r for rows in pools for r in rows], str(cfg.base_model), block.top,
-                               block.get("narrow_model"), block.get("narrow_adapter"), bool(block.drop_refusals),
+                               block.narrow_model, block.narrow_adapter, bool(block.drop_refusals),
                                float(block.epsilon), field_messages=[fields[i] for i in owner],
                                chat_template=[templates[i] for i in owner], dtype=dtype, tokenizer=tokenizer,
                                template_kwargs=dict(cfg.chat_template_kwargs or {}))
@@ -319,8 +320,8 @@ def select_at_startup(cfg) -> None:
                 write_selection(Selection(rows, {**selection.report, "spec": i}), outs[i])
             LOG.info("treft.retain.select: %s → %s", _summary(selection.report), ", ".join(map(str, outs)))
     counts = [len(out.read_text().splitlines()) for out in outs]
-    retain.datasets = [{**spec, "path": str(out.resolve())} for spec, out, n in zip(specs, outs, counts, strict=True)
-                       if n]
+    selected = [{**spec, "path": str(out.resolve())} for spec, out, n in zip(specs, outs, counts, strict=True) if n]
+    return retain.model_copy(update={"datasets": selected})
 
 
 def main(args) -> int:

@@ -20,6 +20,7 @@ import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -201,12 +202,12 @@ class SteeringCallback(TrainerCallback):
     ``lora_model_dir``, counts as loaded, as for TReFT's terms).
     """
 
-    def __init__(self, cfg, trainer):
+    def __init__(self, cfg, trainer, block: Any):  # block: the typed treft.steering (defenses.config)
         from ..capture import decoder_layers, layer_positions
         from ..reference import shared_reference
 
         self.cfg = cfg
-        self.block = cfg.treft.steering
+        self.block = block
         self.trainer = trainer
         self.hook: SteeringHook | None = None
         self.vector = None

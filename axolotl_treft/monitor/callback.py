@@ -31,9 +31,9 @@ class MonitorCallback:
     a fresh run (step 0) replaces an old file.
     """
 
-    def __init__(self, cfg: Any, trainer: Any) -> None:
+    def __init__(self, cfg: Any, trainer: Any, block: Any) -> None:
         self.cfg = cfg
-        self.block = cfg.treft.monitor
+        self.block = block  # the typed treft.monitor settings
         self.trainer = trainer
         self.path = Path(str(cfg.output_dir)) / MONITOR_FILE
         self.tasks: LiveTasks | None = None  # built at the first evaluation (rank 0 only)
@@ -87,12 +87,12 @@ class MonitorCallback:
         self.trainer.log({**flat(metrics, "monitor"), "monitor/seconds": round(seconds, 3)})
 
 
-def monitor_callback(cfg: Any, trainer: Any):
+def monitor_callback(cfg: Any, trainer: Any, block: Any):
     """The monitor as a ``transformers.TrainerCallback`` for ``add_callbacks_post_trainer``."""
     from transformers import TrainerCallback
 
     cls = type("TReFTMonitorCallback", (MonitorCallback, TrainerCallback), {})
-    return cls(cfg, trainer)
+    return cls(cfg, trainer, block)
 
 
 def headline(metrics: Mapping[str, Mapping[str, float | None]]) -> str:

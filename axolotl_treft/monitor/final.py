@@ -23,10 +23,10 @@ def saved_weights(output_dir: Path, not_before: float | None) -> Path | None:
     return None
 
 
-def final_eval(cfg: Any, model, tokenizer, trainer: Any = None, safelora_dir: Path | None = None) -> dict[str, Any]:
+def final_eval(cfg: Any, block: Any, model, tokenizer, trainer: Any = None,
+               safelora_dir: Path | None = None) -> dict[str, Any]:
     """Run ``treft.eval`` on the final model (or on SafeLoRA's projected adapter when ``safelora_dir`` is
     given), write results and samples under ``OUTPUT_DIR/eval/``, print and log the headline metrics."""
-    block = cfg.treft.eval
     output_dir = Path(str(cfg.output_dir))
     name = str(output_dir)
     if safelora_dir is not None:
@@ -56,7 +56,8 @@ def load_projected(cfg: Any, adapter_dir: Path):
                       adapter_label="SafeLoRA's projected adapter", base_label="base_model")
 
 
-def run_after_training(cfg: Any, model, trainer: Any, run_started: float | None, safelora: str | None) -> bool:
+def run_after_training(cfg: Any, settings: Any, model, trainer: Any, run_started: float | None,
+                       safelora: str | None) -> bool:
     """The plugin's ``post_train`` entry (called twice by Axolotl): evaluate once this run's final model is
     saved (after the distributed cleanup, so rank 0 needs no other rank), on SafeLoRA's projection when it ran.
     Returns whether the evaluation is done (True on ranks other than 0)."""
@@ -72,7 +73,7 @@ def run_after_training(cfg: Any, model, trainer: Any, run_started: float | None,
         tokenizer = AutoTokenizer.from_pretrained(str(output_dir))
     projected = None
     if safelora in ("done", "skipped"):
-        block = cfg.treft.safelora
+        block = settings.safelora
         projected = Path(str(block.output_dir)) if block.output_dir else output_dir / "safelora"
-    final_eval(cfg, model, tokenizer, trainer, safelora_dir=projected)
+    final_eval(cfg, settings.eval, model, tokenizer, trainer, safelora_dir=projected)
     return True
