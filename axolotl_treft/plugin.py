@@ -34,7 +34,7 @@ class TReFTPlugin(BasePlugin):
     def __init__(self) -> None:
         super().__init__()
         self.settings: TReFTConfig | None = None  # the typed treft: block, resolved once after validation
-        self.resolved = False
+        self.settings_of = None  # the validated Axolotl config those settings were resolved from
         self.retain_dataset = None  # tokenized retain set, for KL on retain
         self.run_started: float | None = None  # SafeLoRA projects only adapter weights saved after this time
         self.trainer = None  # set in add_callbacks_post_trainer
@@ -44,11 +44,12 @@ class TReFTPlugin(BasePlugin):
         return "axolotl_treft.args.TReFTArgs"
 
     def _settings(self, cfg) -> TReFTConfig | None:
-        """The typed ``treft:`` settings, resolved at the first hook after Axolotl validated the config."""
-        if not self.resolved:
+        """The typed ``treft:`` settings, resolved at the first hook after Axolotl validated the config (again
+        only if a hook is handed another config object, as when Axolotl runs in-process more than once)."""
+        if self.settings_of is not cfg:
             from .args import treft_settings
 
-            self.settings, self.resolved = treft_settings(cfg), True
+            self.settings, self.settings_of = treft_settings(cfg), cfg
         return self.settings
 
     def register(self, cfg: dict) -> None:
