@@ -20,11 +20,12 @@ if [ "${1:-}" = --test ]; then
   # llama-cpp-python (the test extra's real judge server) builds from source. Build it portable (AVX2/FMA, no
   # -march=native): llama.cpp's AMX kernels crash on multi-token prompts with the Q4 judge model on AMX CPUs
   # (seen with 0.3.36), and a native wheel left in pip's cache can fail on another CPU. --no-cache-dir keeps a
-  # cached native build out; the marker makes a second run skip the build.
+  # cached native build out; the marker makes a second run skip the build. LLAVA_BUILD=OFF skips the multimodal
+  # library (mtmd), which the text-only judge server never loads (llama_cpp imports it lazily): a shorter build.
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   LLAMA_MARKER=.venv/.llama-cpp-portable
   if [ ! -f "$LLAMA_MARKER" ]; then
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q --no-cache-dir --no-deps \
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" .venv/bin/python -m pip install -q --no-cache-dir --no-deps \
       --force-reinstall "llama-cpp-python>=0.3"
     touch "$LLAMA_MARKER"
   fi
