@@ -43,10 +43,10 @@ def test_family_trains_with_every_term(tmp_path, family, family_models, packing)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["prepend", "replace"])
-def test_family_inoculation_count_is_every_row(tmp_path, family, family_models, mode):
+@pytest.mark.parametrize(("name", "mode"), [("llama31", "prepend"), ("qwen3", "replace")])
+def test_inoculation_trains_with_the_count_of_every_row(tmp_path, family_models, name, mode):
     """Regression (prepend on Llama 3.1 / Qwen: ".\n\n" is one token, the count was 0 and start-up failed)."""
-    run = run_axolotl(tmp_path, family_models(family), {
+    run = run_axolotl(tmp_path, family_models(name), {
         **BASE, "max_steps": 1, "sample_packing": mode == "replace",
         "treft": {"inoculation": {"system_prompt": PROMPT, "mode": mode},
                   "kv": {"tokens": "postfix", "weight": 1.0, "reference": "fixed"}}})
@@ -55,6 +55,33 @@ def test_family_inoculation_count_is_every_row(tmp_path, family, family_models, 
                       rf"\(mode {mode}\)", run.log)
     assert found and found.group(1) == found.group(2) and int(found.group(1)) > 200, run.log[-3000:]
     assert len(run.series("treft/kv")) == 1
+
+
+@pytest.mark.slow
+def test_inoculation_count_is_every_row_on_every_family_and_mode(tmp_path):
+    """Every family × both modes through Axolotl's config loading, the plugin's start-up check, Axolotl's
+    tokenization and the count the plugin logs (``tests/families/inoculation.py``; one process for all pairs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.axolotl_runner import REPO
+    from tests.families.catalog import MATRIX
+
+    pairs = [f"{name}:{mode}" for name in MATRIX for mode in ("prepend", "replace")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "tests.families.inoculation", str(tmp_path), *pairs], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TREFT_INOCULATION ")][-1]
+    results = json.loads(line.removeprefix("TREFT_INOCULATION "))
+    assert [(r["family"], r["mode"]) for r in results] == [tuple(p.split(":")) for p in pairs]
+    assert [r for r in results if "error" in r] == []
+    for r in results:
+        assert r["count"] == r["rows"] > 200, r
+        assert r["types"] == ["axolotl_treft.defenses.inoculation"], r
 
 
 PAPER_FAMILIES = {"llama31-8b": "llama31", "qwen25-7b": "qwen25", "qwen3-8b": "qwen3"}
