@@ -23,6 +23,10 @@ from axolotl_treft.study.runs import catalogue, parse_sweep, select
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+# Two of the default runs keep the suite's wall time in check (each run is a training and an lm-eval run on
+# SmolLM2); the other runs' configs are checked by the dry-run tests and their terms by the e2e tests.
+RUNS = ("sft", "treft_postfix")
+assert set(RUNS) <= set(DEFAULT_RUNS)
 
 
 def readme_main_command(bin_dir: Path) -> list[str]:
@@ -53,7 +57,7 @@ def demo(wheel_env):
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory, demo):
     out = tmp_path_factory.mktemp("study")
-    proc = demo("--quick", "--out", str(out), timeout=2400)
+    proc = demo("--quick", "--runs", ",".join(RUNS), "--out", str(out), timeout=2400)
     return out, proc
 
 
@@ -62,7 +66,7 @@ def test_quick_study_trains_every_run_and_writes_table_plots_json(quick_study):
     assert {"sft", "treft_prefix", "treft_postfix", "treft_prefix_postfix", "treft_postfix_fixed", "interleave", "kl",
             "ldifs", "inoculation", "steering", "interleave_plus"} <= set(demo_runs())
     study = json.loads((out / "study.json").read_text())
-    assert list(study["runs"]) == ["base", *DEFAULT_RUNS]
+    assert list(study["runs"]) == ["base", *RUNS]
     # the study's python launcher: each run trains in the axolotl process itself, no process group
     assert study["meta"]["launcher"] == "python"
     assert "torch.distributed process group is initialized" not in (out / "sft" / "train.log").read_text()
@@ -73,14 +77,11 @@ def test_quick_study_trains_every_run_and_writes_table_plots_json(quick_study):
             assert (out / name / "lm_eval").is_dir() and (out / name / "model" / "adapter_config.json").exists()
     # the plugin really ran in the defended runs: their terms were logged
     assert study["runs"]["treft_postfix"]["final_terms"]["treft/kv"] > 0
-    assert study["runs"]["treft_postfix_fixed"]["final_terms"]["treft/kv"] > 0
-    assert "treft/kl" in study["runs"]["kl"]["final_terms"]
     assert "treft/kv" not in study["runs"]["sft"]["final_terms"]
-    assert "retain examples" in (out / "interleave" / "train.log").read_text()
     # the derived configs differ from the example only in the plugin list and the treft: block
     # (the shipped data paths point into the wheel's install, the example here into the checkout: compare names)
     example = example_config("x", NARROW_SETTINGS["abstention"])
-    for name in DEFAULT_RUNS:
+    for name in RUNS:
         derived = yaml.safe_load((out / name / "config.yml").read_text())
         for cfg in (example, derived):
             cfg["datasets"] = [{**d, "path": Path(d["path"]).name} for d in cfg["datasets"]]
@@ -100,8 +101,8 @@ def test_quick_study_trains_every_run_and_writes_table_plots_json(quick_study):
 
 def test_study_is_resumable_and_sweep_reuses_the_sft_run(quick_study, demo):
     out, _ = quick_study
-    again = demo("--quick", "--out", str(out), timeout=600)
-    n = len(DEFAULT_RUNS)
+    again = demo("--quick", "--runs", ",".join(RUNS), "--out", str(out), timeout=600)
+    n = len(RUNS)
     assert again.stdout.count("training already finished") == n
     assert again.stdout.count("evaluation already finished") == n + 1  # and the base model
     assert "template check already finished" in again.stdout
