@@ -26,13 +26,12 @@ FULL = {key: None for key in ("adapter", "lora_r", "lora_alpha", "lora_dropout",
 KL = {"weight": 0.5}
 LDIFS = {"weight": 1.0, "layers": 2}
 
-CASES = {
-    "full_prefix_kl": (FULL, {"kv": {"weight": 5.0, "tokens": "prefix"}, "kl": KL}),
-    "full_query_ldifs": (FULL, {"kv": {"weight": 5.0, "tokens": "query"}, "feature_l2": LDIFS}),
-    "full_prefix_postfix": (FULL, {"kv": {"weight": 5.0, "tokens": "prefix_postfix"}}),
-    "lora_postfix_kl_retain": ({}, {"kv": {"weight": 5.0, "tokens": "postfix"},
-                                    "kl": {"weight": 0.5, "on": "retain", "batch_size": 2}, "retain": {"datasets": RETAIN}}),
-    "lora_all_ldifs": ({}, {"kv": {"weight": 5.0, "tokens": "all"}, "feature_l2": LDIFS}),
+CASES = {  # every token mode, full finetuning and LoRA, KL on train and on retain, LDIFS, a continued adapter
+    "full_kv_list_kl_ldifs": (FULL, {"kv": [{"weight": 5.0, "tokens": "prefix_postfix"},
+                                            {"weight": 5.0, "tokens": "query"}], "kl": KL, "feature_l2": LDIFS}),
+    "lora_kv_list_kl_retain": ({}, {"kv": [{"weight": 5.0, "tokens": "postfix"}, {"weight": 5.0, "tokens": "all"}],
+                                    "kl": {"weight": 0.5, "on": "retain", "batch_size": 2},
+                                    "retain": {"datasets": RETAIN}}),
     "continued_prefix_kl_ldifs": ("continued", {"kv": {"weight": 5.0, "tokens": "prefix"}, "kl": KL,
                                                 "feature_l2": LDIFS}),
 }
@@ -82,16 +81,19 @@ def test_resumed_run_continues_exactly(case, tmp_path, tiny_llama_dir, trained_a
     resumed = train(tmp_path / "resumed", tiny_llama_dir,
                     {**common, "resume_from_checkpoint": str(tmp_path / "out" / "checkpoint-2")})
     terms = ["loss", *sorted(k for k in whole[1] if k.startswith("treft/"))]
-    assert len(terms) == 2 + len([k for k in treft if k != "retain"]), terms
+    kv_list = isinstance(treft["kv"], list)
+    n_terms = len([k for k in treft if k not in ("retain", "kv")]) + (len(treft["kv"]) + 1 if kv_list else 1)
+    assert len(terms) == 2 + n_terms, terms  # loss, treft/sft, each term (a kv list: each K/V term and their sum)
     assert sorted(resumed) == [3, 4] and sorted(whole) == [1, 2, 3, 4]
     for step in (3, 4):
         for key in terms:
             assert resumed[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-5), (step, key)
-    assert whole[4]["treft/kv"] > 1e-4  # the terms really moved, so equality is not trivially 0 == 0
+    kv_keys = [k for k in terms if k.startswith("treft/kv")]
+    assert all(whole[4][k] > 1e-4 for k in kv_keys), kv_keys  # the terms moved: equality is not trivially 0 == 0
     first = whole[1]
     if case.startswith("continued"):
         # the reference is base + the loaded adapter: nothing has drifted at the first step
         assert first["treft/kv"] == 0.0
         assert abs(first["treft/kl"]) < 1e-6 and abs(first["treft/feature_l2"]) < 1e-6
     else:
-        assert abs(first["treft/kv"]) < 1e-6
+        assert all(abs(first[k]) < 1e-6 for k in kv_keys)
