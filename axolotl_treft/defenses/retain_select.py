@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,11 +241,11 @@ def write_selection(selection: Selection, out: Path) -> Path:
     """Write the selected rows (JSONL) and ``<out>.scores.json``; atomically, so parallel writers agree."""
     out.parent.mkdir(parents=True, exist_ok=True)
     report = out.with_name(out.name + ".scores.json")
+    from ..distributed import write_atomic
+
     for path, text in ((report, json.dumps(selection.report, indent=1)),
                        (out, "".join(json.dumps(r) + "\n" for r in selection.rows))):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp, text=text: tmp.write_text(text))
     return out
 
 
@@ -292,7 +291,6 @@ def select_at_startup(cfg, retain: Any) -> Any:
     from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
     from axolotl.loaders import load_tokenizer
     from axolotl.utils.chat_templates import get_chat_template_from_config
-    from axolotl.utils.distributed import is_main_process, zero_first
 
     block = retain.select
     specs = [dict(s) for s in retain.datasets]
@@ -303,7 +301,9 @@ def select_at_startup(cfg, retain: Any) -> Any:
     key = _startup_key(cfg, block, specs, templates, tokenizer, dtype)
     root = Path(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH) / "treft_retain_select"
     outs = [root / f"{key}.{i}.jsonl" for i in range(len(specs))]
-    with zero_first(is_main_process()):
+    from ..distributed import main_process_first
+
+    with main_process_first():
         if all(out.is_file() for out in outs):
             LOG.info("treft.retain.select: reusing %s", ", ".join(map(str, outs)))
         else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -168,32 +167,6 @@ def checksum(vector) -> str:
     return hashlib.sha256(vector.float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def _distributed():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _all_true(flag: bool, device) -> bool:
-    import torch
-
-    dist = _distributed()
-    if dist is None:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def _from_rank0(vector, device):
-    dist = _distributed()
-    if dist is None:
-        return vector
-    value = vector.to(device)
-    dist.broadcast(value, src=0)
-    return value.cpu()
-
-
 class SteeringCallback(TrainerCallback):
     """Computes (or loads) the direction when training begins and steers until training returns or raises.
 
@@ -254,6 +227,7 @@ class SteeringCallback(TrainerCallback):
         from axolotl.utils.chat_templates import get_chat_template_from_config
 
         from ..capture import decoder_layers
+        from ..distributed import all_ranks, from_main_process, is_main_process, write_atomic
 
         cfg, block = self.cfg, self.block
         tokenizer = self.trainer.processing_class
@@ -266,7 +240,7 @@ class SteeringCallback(TrainerCallback):
                         template_kwargs, dtype, adapter)
         path = Path(cfg.dataset_prepared_path or DEFAULT_DATASET_PREPARED_PATH) / "treft_steering" / f"{key}.pt"
         device = self.trainer.accelerator.device
-        if _all_true(path.is_file(), device):
+        if all_ranks(path.is_file(), device):
             vector, source = torch.load(path, map_location="cpu", weights_only=True), f"cache {path}"
         else:
             with reference.active(allow_initial_policy=True) as run:
@@ -274,12 +248,9 @@ class SteeringCallback(TrainerCallback):
                 vector = persona_direction(run, layer, tokenizer, block.positive, block.negative, questions,
                                            template, template_kwargs, device=device)
             source = f"{len(questions)} questions"
-        vector = _from_rank0(vector.float().contiguous(), device)
-        if self.trainer.accelerator.is_main_process and not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(vector, tmp)
-            os.replace(tmp, path)
+        vector = from_main_process(vector.float().contiguous(), device)
+        if is_main_process() and not path.is_file():
+            write_atomic(path, functools.partial(torch.save, vector))
         LOG.info("treft.steering: rank %d direction sha256 %s (layer %d, from %s)", self.trainer.accelerator.process_index,
                  checksum(vector), index, source, main_process_only=False)
         return vector

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..distributed import is_main_process
 from ..log import get_logger
-from .live import LiveTasks, flat, is_main_process, task_metrics
+from .live import LiveTasks, flat, task_metrics
 
 LOG = get_logger(__name__)
 

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..distributed import is_main_process
 from .callback import headline
-from .live import flat, is_main_process, run_tasks, task_metrics
+from .live import flat, run_tasks, task_metrics
 
 EVAL_DIR = "eval"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -142,13 +141,3 @@ def task_metrics(results: Mapping[str, Any]) -> dict[str, dict[str, float | None
 def flat(metrics: Mapping[str, Mapping[str, float | None]], prefix: str) -> dict[str, float]:
     """``{"<prefix>/<task>/<metric>": value}`` for the trackers (None values left out)."""
     return {f"{prefix}/{task}/{m}": v for task, ms in metrics.items() for m, v in ms.items() if v is not None}
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-

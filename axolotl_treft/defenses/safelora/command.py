@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from ...distributed import is_main_process
 from .projection import SafeLoRASettings, run_safelora
 from .weights import ADAPTER_CONFIG, LOG, REPORT_NAME, SafeLoRAError, adapter_weights_path
 
@@ -23,15 +23,6 @@ def _get(block: Any, key: str) -> Any:
     return getattr(block, key, None)
 
 
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    # Axolotl's second post_train call comes after cleanup_distributed(): fall back to the launcher's env
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
-
-
 def apply_after_training(cfg: Any, not_before: float | None = None) -> str:
     """Axolotl ``post_train`` entry: project ``<cfg.output_dir>`` once this run's adapter is saved.
 
@@ -43,7 +34,7 @@ def apply_after_training(cfg: Any, not_before: float | None = None) -> str:
     block = _get(_get(cfg, "treft"), "safelora")
     if not block:
         return "disabled"
-    if not _is_rank_zero():
+    if not is_main_process():
         LOG.debug("safelora: not rank 0; leaving the projection to rank 0")
         return "not-rank-0"
     if not _get(cfg, "output_dir"):
