@@ -41,6 +41,9 @@ CPU_BASE = {
     "gradient_checkpointing": False,
     "logging_steps": 1,
     "save_strategy": "no",
+    # a few hundred rows on 2 cores: one process tokenizes them faster than a pool of workers starts
+    "dataset_num_proc": 1,
+    "dataloader_num_workers": 0,
 }
 
 def run_axolotl(tmp: Path, base_model: Path, overrides: dict, timeout: int = 900) -> RunResult:
