@@ -305,10 +305,16 @@ def cached_build(name: str, template: str | None = None, special: dict[str, str]
     out = CACHE / "tokenizers" / f"{name}-{h.hexdigest()[:16]}"
     if (out / ".complete").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(name, tmp, template, special, overlay)
-    (tmp / ".complete").write_text("ok")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # parallel test workers: one builds, the others wait for it
+        if (out / ".complete").exists():
+            return out
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(name, tmp, template, special, overlay)
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
     return out

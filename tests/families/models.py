@@ -13,9 +13,7 @@ from .sdist import CACHE
 
 def model_dir(family: str) -> Path:
     """A 2-layer random model directory (config, weights, tokenizer) Axolotl loads with ``base_model:``."""
-    import torch
     import transformers
-    from transformers import AutoTokenizer
 
     fam = FAMILIES[family]
     tok_dir = tokenizer_dir(family)
@@ -25,6 +23,20 @@ def model_dir(family: str) -> Path:
     out = CACHE / "models" / f"{family}-{key}"
     if (out / ".complete").exists():
         return out
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # parallel test workers: one builds, the others wait for it
+        if not (out / ".complete").exists():
+            _build(out, fam, tok_dir, cfg_kwargs)
+    return out
+
+
+def _build(out: Path, fam, tok_dir: Path, cfg_kwargs: dict) -> None:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tok_dir)
     config = getattr(transformers, fam.arch)(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -38,4 +50,3 @@ def model_dir(family: str) -> Path:
     (tmp / ".complete").write_text("ok")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
