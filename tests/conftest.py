@@ -15,6 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The files with the suite's longest chains of training and lm-eval processes, longest first. Under two xdist
+# workers (whole files each, in collection order: pyproject's addopts) they start first, so neither worker is
+# left alone with one of them at the end; every other file follows in its usual order.
+LONGEST_FIRST = ("test_demo.py", "test_families_e2e.py", "test_study_reliability.py", "test_monitor.py",
+                 "test_evals.py", "test_diagnose.py", "test_resume.py", "test_regularizers_e2e.py",
+                 "test_defenses_e2e.py", "test_constrained_sft.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file keeps its order
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
