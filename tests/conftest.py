@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The files with the suite's longest chains of training and lm-eval processes, longest first. Under two xdist
 # workers (whole files each, in collection order: pyproject's addopts) they start first, so neither worker is
 # left alone with one of them at the end; every other file follows in its usual order.
-LONGEST_FIRST = ("test_demo.py", "test_families_e2e.py", "test_study_reliability.py", "test_monitor.py",
-                 "test_evals.py", "test_diagnose.py", "test_resume.py", "test_regularizers_e2e.py",
-                 "test_defenses_e2e.py", "test_constrained_sft.py")
+LONGEST_FIRST = ("test_demo.py", "test_families_e2e.py", "test_study.py", "test_study_reliability.py", "test_monitor.py",
+                 "test_train_e2e.py", "test_evals.py", "test_resume.py", "test_diagnose.py", "test_defenses_e2e.py",
+                 "test_reliability_e2e.py", "test_regularizers_e2e.py", "test_constrained_sft.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
