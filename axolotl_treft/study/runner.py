@@ -147,9 +147,9 @@ def stop_tree(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (a stop signal can arrive at any line)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ..distributed import write_atomic as write_file_atomic
+
+    write_file_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def mark_unfinished(run_dir: Path, text: str) -> None:
