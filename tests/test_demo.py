@@ -94,6 +94,17 @@ def test_quick_study_trains_every_run_and_writes_table_plots_json(quick_study):
     kv = {r["region"] for r in study["diagnosis"]["interventions"].values() if r["kind"] == "kv"}
     assert kv == {"prefix_postfix", "query"}
     assert (out / "study.png").stat().st_size > 10_000 and (out / "pareto.png").stat().st_size > 10_000
+    # the leak over steps: every run trained with the monitor (step 0, every step, the last), the curves in the
+    # JSON, the plot and the printed text; the plain-SFT twin carried the monitor alone
+    for name in RUNS:
+        curve = study["runs"][name]["curves"]["offtopic_abstention"]
+        assert [p["step"] for p in curve] == list(range(QUICK_STEPS + 1)), name
+        assert all(0 <= p["off_topic_rate"] <= 1 and 0 <= p["on_topic_rate"] <= 1 for p in curve), name
+    assert yaml.safe_load((out / "sft" / "config.yml").read_text())["treft"] == {"monitor": {
+        "tasks": ["offtopic_abstention"], "every": 1, "limit": 4, "max_gen_toks": 32, "batch_size": 64}}
+    assert "curves" not in study["runs"]["base"]
+    assert (out / "leak_curves.png").stat().st_size > 10_000 and "leak_curves.png" in proc.stdout
+    assert "Leak over steps (offtopic_abstention" in proc.stdout
     md = (out / "study.md").read_text()
     assert study["meta"]["date"] in md and "axolotl " + study["meta"]["versions"]["axolotl"] in md
     assert "Template check of the SFT run" in md

@@ -10,15 +10,32 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from axolotl_treft.cli.main import main as cli_main
+from axolotl_treft.monitor.curves import OFF, ON
 from axolotl_treft.resources import example_path, resolved_example
-from axolotl_treft.study.outputs import pareto_front
-from axolotl_treft.study.runs import StudyError, catalogue, parse_sweep, select, sweep_point
+from axolotl_treft.study.execute import Settings
+from axolotl_treft.study.leak import add_monitor, monitor_block
+from axolotl_treft.study.outputs import (
+    add_stopped_early,
+    curve_lines,
+    format_table,
+    pareto_front,
+    plot_curves,
+)
+from axolotl_treft.study.runs import (
+    StudyError,
+    catalogue,
+    derive_config,
+    parse_sweep,
+    select,
+    sweep_point,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # (config, its study run file, tasks): the paper configs that ship a run file
@@ -55,21 +72,26 @@ def paper_dry_runs(tmp_path_factory):
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             assert cli_main(argv) == 0
-        done[name] = (cfg, out, printed.getvalue())
+        done[name] = (cfg, out, printed.getvalue(), tasks)
     return done
 
 
 def test_dry_run_writes_every_derived_config_and_the_exact_commands(paper_dry_runs):
-    for name, (cfg_path, out, printed) in paper_dry_runs.items():
+    for name, (cfg_path, out, printed, tasks) in paper_dry_runs.items():
         cfg = yaml.safe_load(cfg_path.read_text())
         runs = ["sft", "treft", "interleave", "kl"]
         assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(runs), name
         for run in runs:
             derived = yaml.safe_load((out / run / "config.yml").read_text())
             assert changed_keys(cfg, derived) <= CHANGED_KEYS, (name, run)
-            assert "treft" not in derived if run == "sft" else derived["treft"]
-            assert ("axolotl_treft.TReFTPlugin" in (derived.get("plugins") or [])) == (run != "sft")
-        assert yaml.safe_load((out / "treft" / "config.yml").read_text())["treft"] == cfg["treft"]
+            # every run trains with the study's monitor (the leak curves); the plain-SFT twin with it alone
+            monitor = derived["treft"].pop("monitor")
+            assert monitor == {"tasks": [t for t in tasks.split(",") if t.startswith("offtopic")], "every": 20,
+                               "limit": 24, "batch_size": 8}, (name, run)
+            assert derived["treft"] == {} if run == "sft" else derived["treft"]
+            assert "axolotl_treft.TReFTPlugin" in derived["plugins"]
+        treft = yaml.safe_load((out / "treft" / "config.yml").read_text())["treft"]
+        assert {k: v for k, v in treft.items() if k != "monitor"} == cfg["treft"]
         script = [ln for ln in (out / "commands.sh").read_text().splitlines() if not ln.startswith("#")]
         trains = [shlex.split(line) for line in script if " train " in line]
         evals = [shlex.split(line) for line in script if "lm_eval" in line.split(" ")[0]]
@@ -89,7 +111,7 @@ def test_dry_run_writes_every_derived_config_and_the_exact_commands(paper_dry_ru
 
 def test_derived_configs_pass_axolotl_validation_offline(paper_dry_runs, tmp_path):
     """Axolotl's own ``load_cfg`` (validation, normalization, plugin hooks) on every derived config."""
-    paths = [str(out / run / "config.yml") for _, out, _ in paper_dry_runs.values()
+    paths = [str(out / run / "config.yml") for _, out, _, _ in paper_dry_runs.values()
              for run in ("sft", "treft", "interleave", "kl")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                AXOLOTL_DO_NOT_TRACK="1", CUDA_VISIBLE_DEVICES="",
@@ -103,7 +125,9 @@ def test_derived_configs_pass_axolotl_validation_offline(paper_dry_runs, tmp_pat
     for path, result in zip(paths, results, strict=True):
         assert result["ok"], (path, result.get("error"))
     by_run = {Path(p).parent.name: r for p, r in zip(paths, results, strict=True)}
-    assert by_run["kl"]["treft"]["kl"]["on"] == "train" and by_run["sft"]["treft"] is None
+    assert by_run["kl"]["treft"]["kl"]["on"] == "train"
+    sft = {k: v for k, v in by_run["sft"]["treft"].items() if v}  # the plain-SFT twin: the study's monitor alone
+    assert list(sft) == ["monitor"] and sft["monitor"]["every"] == 20
 
 
 def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys):
@@ -150,6 +174,50 @@ def test_sweeps_name_their_parameter_and_reuse_known_runs():
             parse_sweep(bad)
 
 
+def test_monitor_block_follows_the_off_topic_tasks_and_the_parallelism():
+    settings = Settings(tasks=("em", "offtopic_refusal"), max_gen_toks=16, eval_batch_size="8", monitor_every=5,
+                        monitor_limit=12)
+    block, note = monitor_block({}, settings)
+    assert block == {"tasks": ["offtopic_refusal"], "every": 5, "limit": 12, "max_gen_toks": 16, "batch_size": 8}
+    assert note.startswith("leak curves: every run trains with treft.monitor on offtopic_refusal")
+    assert monitor_block({}, replace(settings, tasks=("em",)))[0] is None
+    assert "none is in --tasks" in monitor_block({}, replace(settings, tasks=("em",)))[1]
+    assert monitor_block({}, replace(settings, monitor_every=None)) == (None, "leak curves off (--monitor-every 0)")
+    zero3 = {"deepspeed": {"zero_optimization": {"stage": 3}}}
+    block, note = monitor_block(zero3, settings)
+    assert block is None and "ZeRO-3" in note
+    # the plain-SFT twin carries the monitor alone; a defended run keeps its block
+    runs = catalogue({"base_model": "m", "plugins": ["axolotl_treft.SeedPlugin"], "treft": {"kv": {"weight": 1.0}}})
+    sft = add_monitor(derive_config({"base_model": "m", "plugins": ["axolotl_treft.SeedPlugin"]}, runs["sft"])[0],
+                      {"tasks": ["offtopic"], "every": 5})
+    assert sft["plugins"] == ["axolotl_treft.SeedPlugin", "axolotl_treft.TReFTPlugin"]
+    assert sft["treft"] == {"monitor": {"tasks": ["offtopic"], "every": 5}}
+    kl = add_monitor(derive_config({"base_model": "m"}, runs["kl"])[0], {"tasks": ["offtopic"], "every": 5})
+    assert kl["plugins"] == ["axolotl_treft.TReFTPlugin"] and kl["treft"]["kl"] == runs["kl"].treft["kl"] and "monitor" in kl["treft"]
+
+
+def test_stopped_early_column_curve_text_and_plot(tmp_path):
+    curve = [{"step": 0, ON: 0.0, OFF: 0.0}, {"step": 10, ON: 0.5, OFF: 0.25}, {"step": 20, ON: 1.0, OFF: 0.5},
+             {"step": 30, ON: 1.0, OFF: 0.75}]
+    never = [{"step": 0, ON: 0.0, OFF: 0.0}, {"step": 30, ON: 0.75, OFF: 0.5}]
+    rows = {"base": {"label": "base model", "abstention_on": 0.0, "abstention_off": 0.0},
+            "sft": {"label": "SFT", "abstention_on": 1.0, "abstention_off": 0.8,
+                    "curves": {"offtopic_abstention": curve}},
+            "kl": {"label": "KL", "abstention_on": 0.9, "abstention_off": 0.4,
+                   "curves": {"offtopic_abstention": never}}}
+    add_stopped_early(rows)
+    assert (rows["sft"]["abstention_off_early"], rows["sft"]["abstention_early_step"]) == (0.5, 20)
+    assert rows["kl"]["abstention_off_early"] is None and "abstention_off_early" not in rows["base"]
+    header, *lines = format_table(rows).splitlines()
+    assert "abstention off stopped early" in header and "at step" in header
+    assert lines[2].split()[-2:] == ["50.0%", "20"]  # SFT: the rate at step 20, then the step
+    text = curve_lines(rows)
+    assert text[0].startswith("Leak over steps (offtopic_abstention")
+    assert text[1] == "  SFT: 0: 0% (0%)  10: 25% (50%)  20: 50% (100%)  30: 75% (100%)"
+    assert plot_curves(rows, tmp_path / "leak_curves.png", "t").stat().st_size > 10_000
+    assert plot_curves({"base": rows["base"]}, tmp_path / "none.png", "t") is None
+
+
 def test_pareto_front_marks_the_runs_nothing_beats():
     points = {"sft": (1.0, 1.0), "a": (1.0, 0.8), "b": (0.9, 0.8), "c": (0.5, 0.1), "d": (0.4, 0.2)}
     assert pareto_front(points) == ["a", "c"]
@@ -187,6 +255,9 @@ def test_real_study_on_the_embedded_model_through_torchrun(wheel_env, embedded_c
         assert (out / name / "model" / "adapter_config.json").exists(), name
     assert "treft/kv" in study["runs"]["treft_postfix_fixed"]["final_terms"]
     assert "treft/kl" in study["runs"]["kl"]["final_terms"]
+    for name in ("sft", "treft_postfix_fixed", "kl"):  # the leak curves: step 0 and the last step (every 20)
+        assert [p["step"] for p in study["runs"][name]["curves"]["offtopic_abstention"]] == [0, 2], name
+    assert (out / "leak_curves.png").stat().st_size > 10_000
     # torchrun starts a process group (rank 0 of 1); the python launcher trains in the axolotl process itself
     assert "torch.distributed process group is initialized" in (out / "sft" / "train.log").read_text()
     assert "abstention off" in proc.stdout and "base model (no finetuning)" in proc.stdout

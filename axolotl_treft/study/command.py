@@ -37,7 +37,18 @@ from .execute import (
     write_config,
 )
 from .keys import fingerprint, input_digests
-from .outputs import add_changes, add_learned, findings, format_table, markdown, plot_bars, plot_pareto
+from .outputs import (
+    add_changes,
+    add_learned,
+    add_stopped_early,
+    curve_lines,
+    findings,
+    format_table,
+    markdown,
+    plot_bars,
+    plot_curves,
+    plot_pareto,
+)
 from .runner import UNFINISHED, Stopped, stop_on_signals, write_atomic
 from .runs import (
     DEFAULT_PTST_PROMPT,
@@ -53,6 +64,8 @@ from .runs import (
 from .validate import validate_plans
 
 DEFAULT_TASKS = ("offtopic",)
+MONITOR_EVERY = 20  # steps between the leak curve's points (and step 0, the last step)
+MONITOR_LIMIT = 24  # documents per task at each point (the off-topic tasks interleave on- and off-topic ones)
 CPU_EVAL_BATCH_SIZE = 8  # lm-eval's `auto` search has no memory limit to hit on the CPU
 INTERNAL_FIGURES = ("fingerprint", "model_digest", "upstream")  # in train.json, not in the study's table
 
@@ -123,6 +136,7 @@ def _study(cfg: Mapping, plans: Sequence[RunPlan], base_cmd: list[str], out: Pat
     diagnosis = diagnose_sft(plans[0], cfg, settings, log) if diagnose and plans[0].run.treft is None else None
     add_changes(rows)
     add_learned(rows)
+    add_stopped_early(rows)
     meta = {
         "command": command, "date": dt.date.today().isoformat(), "versions": versions(), "tasks": list(settings.tasks),
         "launcher": settings.launcher, "base_model": str(cfg["base_model"]),
@@ -134,12 +148,16 @@ def _study(cfg: Mapping, plans: Sequence[RunPlan], base_cmd: list[str], out: Pat
     print("\n" + format_table(rows))
     for line in meta["findings"]:
         print(line)
+    if lines := curve_lines(rows):
+        print("\n" + "\n".join(lines))
     write_atomic(out / "study.json", json.dumps({"meta": meta, "runs": rows, "diagnosis": diagnosis}, indent=1,
                                                 default=str))
     write_atomic(out / "study.md", markdown(rows, meta) + "\n")
     written = [out / "study.json", out / "study.md", plot_bars(rows, out / "study.png")]
     if (pareto := plot_pareto(rows, out / "pareto.png", title)) is not None:
         written.append(pareto)
+    if (curves := plot_curves(rows, out / "leak_curves.png", title)) is not None:
+        written.append(curves)
     print("\nwrote " + ", ".join(map(str, written)))
     return 0
 
@@ -173,12 +191,23 @@ def csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def monitor_settings(args: argparse.Namespace, every: int, limit: int) -> dict[str, int | None]:
+    """``monitor_every`` / ``monitor_limit`` of :class:`Settings` from the flags (``every``, ``limit``: defaults)."""
+    every = every if args.monitor_every is None else args.monitor_every
+    limit = limit if args.monitor_limit is None else args.monitor_limit
+    if every < 0:
+        raise StudyError(f"--monitor-every must be >= 0 (0: no leak curves), got {every}")
+    if limit < 1:
+        raise StudyError(f"--monitor-limit must be >= 1, got {limit}")
+    return {"monitor_every": every or None, "monitor_limit": limit}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.max_steps is not None and args.max_steps < 1:
         raise StudyError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.limit is not None and args.limit < 1:
         raise StudyError(f"--limit must be >= 1, got {args.limit}")
-    return Settings(tasks=tuple(csv(args.tasks) or DEFAULT_TASKS), launcher=args.launcher,
+    return Settings(**monitor_settings(args, MONITOR_EVERY, MONITOR_LIMIT), tasks=tuple(csv(args.tasks) or DEFAULT_TASKS), launcher=args.launcher,
                     launcher_args=tuple(shlex.split(args.launcher_args or "")), max_steps=args.max_steps,
                     limit=args.limit, max_gen_toks=args.max_gen_toks,
                     eval_batch_size=eval_batch_size(args.eval_batch_size, args.device),
@@ -223,6 +252,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", "--steps", type=int, default=None, help="max training steps per run")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
     p.add_argument("--dry-run", action="store_true", help="write the configs and commands.sh, run nothing")
+    p.add_argument("--monitor-every", type=int, default=None, metavar="N",
+                   help="the leak curves: every run trains with treft.monitor on the off-topic tasks, evaluated at "
+                        f"step 0, every N steps and the last step (default {MONITOR_EVERY}; demo --quick: 1; 0: off)")
+    p.add_argument("--monitor-limit", type=int, default=None, metavar="N",
+                   help=f"documents per task at each monitored step (default {MONITOR_LIMIT})")
     p.add_argument("--ptst-prompt", default=DEFAULT_PTST_PROMPT, metavar="TEXT",
                    help="the safety system prompt of the `ptst` run (the SFT model evaluated with it; default: the safety "
                         "paragraph of Llama-2-chat's system prompt)")

@@ -18,7 +18,7 @@ import yaml
 
 from ..cli.options import out_dir_error
 from ..resources import data_path, example_path, resolved_example
-from .command import run_study
+from .command import MONITOR_EVERY, MONITOR_LIMIT, monitor_settings, run_study
 from .execute import Settings
 from .runner import OFFLINE_ENV
 from .runs import StudyError, Trait, catalogue, parse_sweep, select
@@ -95,7 +95,9 @@ def main(args: argparse.Namespace) -> int:
                                DEFAULT_RUNS)
         settings = Settings(tasks=(setting.task,), launcher="python", max_steps=QUICK_STEPS if args.quick else args.max_steps,
                             limit=QUICK_LIMIT if args.quick else args.limit, max_gen_toks=EVAL_MAX_GEN_TOKS,
-                            eval_batch_size=EVAL_BATCH_SIZE, device="cpu", env=OFFLINE_ENV, cwd=Path.cwd())
+                            eval_batch_size=EVAL_BATCH_SIZE, device="cpu", env=OFFLINE_ENV, cwd=Path.cwd(),
+                            **monitor_settings(args, 1 if args.quick else MONITOR_EVERY,
+                                               QUICK_LIMIT if args.quick else MONITOR_LIMIT))
         lr_note = "" if args.learning_rate is None else f" (lr {args.learning_rate:g})"
         command = shlex.join(["axolotl-treft", "demo", *(sys.argv[2:] if sys.argv[1:2] == ["demo"] else [])])
         return run_study(cfg, chosen, out, settings, command=command, diagnose=not args.dry_run, dry=args.dry_run,

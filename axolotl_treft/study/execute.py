@@ -17,39 +17,27 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..cli.report import find_results, load_results, summarize
+from ..monitor.callback import MONITOR_FILE
+from ..monitor.curves import read_curves
 from ..resources import pack_tasks, tasks_dir
 from .keys import eval_key, fingerprint, input_digests, trained_digest
+from .leak import add_monitor, monitor_block
 from .runner import UNFINISHED, Stopped, mark_unfinished, parse_metrics, run_streaming, write_atomic
 from .runs import StudyError, StudyRun, derive_config
+from .settings import Settings
 
 LAUNCHERS = ("python", "torchrun", "accelerate")
 PEAK_MEMORY_KEY = "memory/max_allocated (GiB)"  # logged by Axolotl's trainer on GPU
 BASE_ROW = "base"
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What every run of one study shares."""
-
-    tasks: tuple[str, ...]
-    launcher: str = "python"
-    launcher_args: tuple[str, ...] = ()
-    max_steps: int | None = None
-    limit: int | None = None
-    max_gen_toks: int | None = None
-    eval_batch_size: str = "auto"
-    device: str | None = None  # lm_eval --device; None: lm-eval's choice (cuda when there is one)
-    env: Mapping[str, str] = field(default_factory=dict)  # added to the environment of every subprocess
-    cwd: Path = field(default_factory=Path.cwd)  # relative paths of the config resolve here, as with `axolotl train`
 
 
 @dataclass(frozen=True)
@@ -131,10 +119,14 @@ def plan_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Sett
     out = out.resolve()
     plans: list[RunPlan] = []
     trained: dict[str, Path] = {}
+    monitor, note = monitor_block(cfg, settings)
+    log(note)
     for run in runs:
         derived, notes = derive_config(cfg, run)
         for note in notes:
             log(note)
+        if monitor and not run.eval_of:
+            derived = add_monitor(derived, monitor)
         run_dir = out / run.name
         overrides: dict[str, Any] = {"output_dir": str(run_dir / "model"),
                                      "dataset_prepared_path": str(run_dir / "prepared")}
@@ -325,6 +317,7 @@ def train(plan: RunPlan, settings: Settings, log: Log) -> dict:
         "final_terms": {k: float(v) for k, v in last.items() if k.startswith("treft/") and k != "treft/sft"},
         "model_digest": trained_digest(output_dirs(plan, settings.cwd)),
         "upstream": upstream_weights(plan),
+        "curves": read_curves(plan.model_dir / MONITOR_FILE),  # {task: [{step, on/off-topic rate}]}
     }
     write_atomic(plan.dir / "train.json", json.dumps(figures, indent=1))
     (plan.dir / UNFINISHED).unlink(missing_ok=True)

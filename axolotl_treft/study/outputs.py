@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import report
+from ..monitor.curves import OFF, ON, plot_leak_curves, stopped_early
 from ..resources import require_extra
 
 BASELINE = "sft"
@@ -30,6 +31,18 @@ def add_changes(rows: dict[str, dict[str, Any]]) -> None:
             row[f"{key}_vs_sft"] = None if name in (BASELINE, "base") or not ref or value is None else value / ref - 1
 
 
+def add_stopped_early(rows: dict[str, dict[str, Any]]) -> None:
+    """``<setting>_off_early`` / ``<setting>_early_step``: from each run's monitor curve, the off-topic rate at
+    the first monitored step where the on-topic rate reaches ``ON_MIN`` (in place; None if it never does)."""
+    for row in rows.values():
+        for task, curve in (row.get("curves") or {}).items():
+            setting = task.removeprefix("offtopic_")
+            if setting in report.SETTINGS:
+                point = stopped_early(curve, ON_MIN)
+                row[f"{setting}_off_early"] = point[OFF] if point else None
+                row[f"{setting}_early_step"] = point["step"] if point else None
+
+
 def columns(rows: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     leaks = set(leak_keys(rows))
     cols: list[tuple[str, str, str]] = []
@@ -37,7 +50,34 @@ def columns(rows: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]
         cols.append((key, header, kind))
         if key in leaks:
             cols.append((f"{key}_vs_sft", f"{header} vs SFT", "change"))
+        if key.endswith("_off"):
+            setting = key.removesuffix("_off")
+            cols += [(f"{key}_early", f"{header} stopped early", "rate"), (f"{setting}_early_step", "at step", "count")]
     return cols + STUDY_EXTRA
+
+
+def curve_lines(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The leak curves as text: per task, each run's off-topic rate (on-topic in brackets) at every monitored step."""
+    tasks = sorted({task for row in rows.values() for task in row.get("curves") or {}})
+    lines = []
+    for task in tasks:
+        lines.append(f"Leak over steps ({task}; monitor subset): step off-topic (on-topic)")
+        for row in rows.values():
+            if curve := (row.get("curves") or {}).get(task):
+                points = "  ".join(f"{p['step']}: {_pct(p[OFF])} ({_pct(p[ON])})" for p in curve)
+                lines.append(f"  {row['label']}: {points}")
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def plot_curves(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> Path | None:
+    """``leak_curves.png``: every run's monitor curves, the SFT run as the reference line (None without curves)."""
+    curves = {row["label"]: row["curves"] for row in rows.values() if row.get("curves")}
+    reference = rows.get(BASELINE, {}).get("label")
+    return plot_leak_curves(curves, path, reference=reference, title=title)
 
 
 def labels(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -55,6 +95,8 @@ def markdown(rows: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> 
              f"{meta['eval_note']}; axolotl-treft {v['axolotl-treft']}, axolotl {v['axolotl']}, transformers "
              f"{v['transformers']}, peft {v['peft']}, torch {v['torch']}, lm_eval {v['lm_eval']})."]
     lines += [f"\n{line}" for line in meta.get("findings", [])]
+    if curves := curve_lines(rows):
+        lines += ["", "```", *curves, "```", "", "![leak over steps](leak_curves.png)"]
     return "\n".join(lines)
 
 

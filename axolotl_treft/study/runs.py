@@ -298,3 +298,4 @@ def derive_config(cfg: Mapping, run: StudyRun) -> tuple[dict, list[str]]:
             [p for i, p in enumerate(cfg["plugins"]) if p not in TREFT_PLUGIN_PATHS or i == first]
         derived["treft"] = copy.deepcopy(run.treft)
     return derived, notes
+
