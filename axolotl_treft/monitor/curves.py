@@ -63,7 +63,7 @@ def plot_leak_curves(curves: Mapping[str, Mapping[str, Curve]], path: Path, refe
         ax.set(title=task, xlabel="optimizer step", ylabel="rate", ylim=(-0.03, 1.03))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"{title} (solid: off-topic, dashed: on-topic; dotted: {LEARNED:.2f})")
+    fig.suptitle(f"{title}\nsolid: off-topic rate, dashed: on-topic rate; dotted: {LEARNED:.2f}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
