@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from axolotl_treft.study.runner import RunResult, run_axolotl_train
@@ -10,6 +11,8 @@ from axolotl_treft.study.runner import RunResult, run_axolotl_train
 __all__ = ["CPU_BASE", "TRAIN_DATA", "RunResult", "run_axolotl"]
 
 REPO = Path(__file__).resolve().parents[1]
+# Axolotl's CLI as a package's __main__ (tests/axolotl_cli: spawned dataset workers start without re-importing it)
+AXOLOTL_CLI = (sys.executable, "-m", "tests.axolotl_cli")
 TRAIN_DATA = REPO / "axolotl_treft" / "data" / "abstention_legal_train.jsonl"
 
 CPU_BASE = {
@@ -56,4 +59,4 @@ def run_axolotl(tmp: Path, base_model: Path, overrides: dict, timeout: int = 900
     })
     cfg.update(overrides)
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "CUDA_VISIBLE_DEVICES": ""}
-    return run_axolotl_train(cfg, tmp, env=env, timeout=timeout)
+    return run_axolotl_train(cfg, tmp, env=env, timeout=timeout, command=AXOLOTL_CLI)

@@ -310,8 +310,10 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_training_tree_and_a_rerun_retrains(tmp_path, smollm2_dir):
-    cfg = user_config(tmp_path, smollm2_dir)
+def test_sigterm_stops_the_training_tree_and_a_rerun_retrains(tmp_path, tiny_llama_dir):
+    """A real study (the tiny random Llama with SmolLM2's tokenizer: the stop is what is checked) killed while
+    Axolotl trains, then run again."""
+    cfg = user_config(tmp_path, tiny_llama_dir)
     out = tmp_path / "out"
     argv = ["study", str(cfg), "--runs", "sft", "--tasks", "offtopic_abstention", "--limit", "2",
             "--max-gen-toks", "8", "--device", "cpu", "--out", str(out)]

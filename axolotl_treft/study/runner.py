@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,16 +158,18 @@ def mark_unfinished(run_dir: Path, text: str) -> None:
 
 
 def run_axolotl_train(cfg: dict, workdir: Path, env: dict | None = None, timeout: int | None = None,
-                      on_line: Callable[[str], None] | None = None) -> RunResult:
-    """Write ``cfg`` to ``workdir/config.yml`` and run ``axolotl train`` on it (in-process launcher)."""
+                      on_line: Callable[[str], None] | None = None,
+                      command: Sequence[str] | None = None) -> RunResult:
+    """Write ``cfg`` to ``workdir/config.yml`` and run ``axolotl train`` on it (in-process launcher); ``command``
+    replaces the ``axolotl`` console script (the argv that runs Axolotl's CLI)."""
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir.resolve()
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}, sort_keys=False))
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
-    axolotl = Path(sys.executable).with_name("axolotl")
+    axolotl = list(command or [str(Path(sys.executable).with_name("axolotl"))])
     try:
-        returncode, log = run_streaming([str(axolotl), "train", str(path), "--launcher", "python"], workdir,
+        returncode, log = run_streaming([*axolotl, "train", str(path), "--launcher", "python"], workdir,
                                         full_env, timeout, on_line)
     except TimeoutError as err:
         (workdir / "train.log").write_text(err.args[1])
