@@ -2,13 +2,13 @@
 
 Both runs train the demo's SFT config (the shipped ``smollm2-135m-abstention-treft`` example without the K/V
 term: SmolLM2-135M-Instruct, LoRA r=8, legal abstention data, 2 epochs = 60 steps of 8) with the real
-``axolotl train`` CLI, in their own processes; the second adds ``treft.monitor`` on the demo's task
-(``offtopic_abstention``, 32 new tokens). Figures: Trainer's ``train_runtime`` (it includes the monitor's
+``axolotl train`` CLI, in their own processes; the second adds the ``treft.monitor`` block the demo gives each
+run (``offtopic_abstention``, every 20 steps, the first 16 documents, 32 new tokens, batch 64). Figures: Trainer's ``train_runtime`` (it includes the monitor's
 evaluations, which run inside ``trainer.train()``), the monitor's own seconds from ``treft_monitor.jsonl``, and
 the end-to-end process time. ``--order off,on,off`` adds a second plain run for the noise floor.
 
     python bench/bench_monitor.py                          # ~6 min on 2 CPU cores
-    python bench/bench_monitor.py --every 20 --limit 24 --order off,on,off
+    python bench/bench_monitor.py --limit 24 --order off,on,off   # another limit; a second plain run
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from axolotl_treft.cli.model import materialize_smollm2  # noqa: E402
 from axolotl_treft.monitor import MONITOR_FILE, read_rows  # noqa: E402
-from axolotl_treft.study.demo import EVAL_MAX_GEN_TOKS, NARROW_SETTINGS, example_config  # noqa: E402
+from axolotl_treft.study.command import MONITOR_EVERY, MONITOR_LIMIT  # noqa: E402
+from axolotl_treft.study.demo import EVAL_BATCH_SIZE, EVAL_MAX_GEN_TOKS, NARROW_SETTINGS, example_config  # noqa: E402
+from axolotl_treft.study.leak import monitor_block  # noqa: E402
 from axolotl_treft.study.runner import run_axolotl_train  # noqa: E402
+from axolotl_treft.study.settings import Settings  # noqa: E402
 
 _RUNTIME = re.compile(r"'train_runtime': '?([0-9.]+)")
 
@@ -60,14 +63,16 @@ def run(workdir: Path, name: str, monitor: dict | None) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--every", type=int, default=20)
-    ap.add_argument("--limit", type=int, default=24)
-    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--every", type=int, default=MONITOR_EVERY, help="the demo's default")
+    ap.add_argument("--limit", type=int, default=MONITOR_LIMIT, help="the demo's default")
+    ap.add_argument("--batch-size", default=EVAL_BATCH_SIZE, help="the demo's evaluation batch size")
     ap.add_argument("--order", default="off,on", help="comma list of off/on runs, in order")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
-    monitor = {"tasks": [NARROW_SETTINGS["abstention"].task], "every": args.every, "limit": args.limit,
-               "max_gen_toks": EVAL_MAX_GEN_TOKS, "batch_size": args.batch_size}
+    # the block `axolotl-treft demo` gives each run (its task, decoding and batch size)
+    monitor, _ = monitor_block({}, Settings(tasks=(NARROW_SETTINGS["abstention"].task,), max_gen_toks=EVAL_MAX_GEN_TOKS,
+                                            eval_batch_size=str(args.batch_size), monitor_every=args.every,
+                                            monitor_limit=args.limit))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_monitor_") as tmp:
         for i, kind in enumerate(args.order.split(",")):

@@ -50,7 +50,7 @@ def run_study(out: Path, setting: str, lr: float, args: argparse.Namespace) -> i
     cmd = [str(Path(sys.executable).with_name("axolotl-treft")), "study", str(cfg), "--runs", args.runs,
            "--tasks", NARROW_SETTINGS[setting].task, "--device", "cpu", "--eval-batch-size", EVAL_BATCH_SIZE,
            "--max-gen-toks", str(EVAL_MAX_GEN_TOKS), "--monitor-every", str(args.monitor_every), "--out", str(out)]
-    for sweep in args.sweep:
+    for sweep in filter(None, args.sweeps.split(",")):
         cmd += ["--sweep", sweep]
     print("$ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, env={**os.environ, **OFFLINE_ENV}).returncode
@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("--settings", default="refusal,abstention")
     p.add_argument("--lrs", default="1e-4,2e-4,3e-4")
     p.add_argument("--runs", default=RUNS)
-    p.add_argument("--sweep", action="append", default=list(SWEEPS))
+    p.add_argument("--sweeps", default=",".join(SWEEPS), help="comma list of study --sweep values ('' for none)")
     p.add_argument("--monitor-every", type=int, default=10)
     p.add_argument("--constant-one-epoch", action="store_true", help="num_epochs 1, constant lr, no warm-up")
     p.add_argument("--out", type=Path, default=Path("runs/leak-over-lr"))

@@ -16,6 +16,7 @@ from axolotl_treft.reference import Reference
 from axolotl_treft.regularizers.base import StepBatch, capture_policy, regularized_terms
 from axolotl_treft.regularizers.constrained_sft import ConstrainedSFTRegularizer, turn_positions
 from axolotl_treft.spans import SEG_RESPONSE, conversation_spans
+from axolotl_treft.study.command import MONITOR_EVERY, MONITOR_LIMIT
 from tests.axolotl_runner import run_axolotl
 from tests.reg_harness import fake_trainer, grads, lora_model
 
@@ -197,7 +198,8 @@ def test_study_catalogue_ptst_is_evaluation_only_with_the_system_prompt(tmp_path
     assert "--system_instruction" not in next(s for s in sections if s.startswith("sft:"))
     derived = yaml.safe_load((out / "constrained_sft" / "config.yml").read_text())
     assert derived["treft"] == {"constrained_sft": {"betas": [0.5, 2.0, 2.0, 2.0, 2.0], "beta_rest": 0.1},
-                                "monitor": {"tasks": ["offtopic_abstention"], "every": 20, "limit": 24, "batch_size": 8}}
+                                "monitor": {"tasks": ["offtopic_abstention"], "every": MONITOR_EVERY, "limit": MONITOR_LIMIT,
+                                            "batch_size": 8}}
     assert not (out / "ptst" / "config.yml").exists() or "monitor" not in yaml.safe_load(
         (out / "ptst" / "config.yml").read_text()).get("treft", {})  # evaluation only: nothing trains
     assert derive_config({"base_model": "m"}, runs["ptst"])[0] == {"base_model": "m"}  # no treft, SFT's config
