@@ -7,7 +7,8 @@ study writes its curves; this script then prints one table of the final and the 
 (the first monitored step whose on-topic rate reaches 0.95) of every run at every learning rate.
 
     python bench/leak_over_lr.py --settings refusal,abstention --lrs 1e-4,2e-4,3e-4 --out runs/leak-over-lr
-    python bench/leak_over_lr.py --lrs 2e-4 --constant-one-epoch --settings refusal --out runs/leak-2e-4
+    python bench/leak_over_lr.py --settings refusal --lrs 2e-4 --constant-one-epoch --monitor-every 5 \
+        --out runs/leak-over-lr                                   # docs/study.md (2026-12-07)
     python bench/leak_over_lr.py --table-only --out runs/leak-over-lr      # the table of finished studies
 
 Finished runs are reused (the study's own keys), so an interrupted grid continues where it stopped.
@@ -49,7 +50,8 @@ def run_study(out: Path, setting: str, lr: float, args: argparse.Namespace) -> i
     cfg = write_config(out / "config.yml", setting, lr, args.constant_one_epoch)
     cmd = [str(Path(sys.executable).with_name("axolotl-treft")), "study", str(cfg), "--runs", args.runs,
            "--tasks", NARROW_SETTINGS[setting].task, "--device", "cpu", "--eval-batch-size", EVAL_BATCH_SIZE,
-           "--max-gen-toks", str(EVAL_MAX_GEN_TOKS), "--monitor-every", str(args.monitor_every), "--out", str(out)]
+           "--max-gen-toks", str(EVAL_MAX_GEN_TOKS), "--monitor-every", str(args.monitor_every),
+           "--monitor-limit", str(args.monitor_limit), "--out", str(out)]
     for sweep in filter(None, args.sweeps.split(",")):
         cmd += ["--sweep", sweep]
     print("$ " + " ".join(cmd), flush=True)
@@ -64,7 +66,9 @@ def table(root: Path) -> str:
     lines = ["| setting | lr | run | on | off | off vs SFT | stopped early: off | at step |", "|" + "---|" * 8]
     for path in sorted(root.glob("*/study.json")):
         study = json.loads(path.read_text())
-        setting, lr = path.parent.name.rsplit("-lr", 1)
+        setting, _, lr = path.parent.name.rpartition("-lr")
+        if setting not in NARROW_SETTINGS:
+            continue  # another study beside the grid's (a demo run, say)
         b = NARROW_SETTINGS[setting].task.removeprefix("offtopic_")
         for row in study["runs"].values():
             change = row.get(f"{b}_off_vs_sft")
@@ -81,6 +85,7 @@ def main() -> int:
     p.add_argument("--runs", default=RUNS)
     p.add_argument("--sweeps", default=",".join(SWEEPS), help="comma list of study --sweep values ('' for none)")
     p.add_argument("--monitor-every", type=int, default=10)
+    p.add_argument("--monitor-limit", type=int, default=24, help="documents per monitored step (12 on-, 12 off-topic)")
     p.add_argument("--constant-one-epoch", action="store_true", help="num_epochs 1, constant lr, no warm-up")
     p.add_argument("--out", type=Path, default=Path("runs/leak-over-lr"))
     p.add_argument("--table-only", action="store_true")
