@@ -3,9 +3,9 @@
 Both runs train the demo's SFT config (the shipped ``smollm2-135m-abstention-treft`` example without the K/V
 term: SmolLM2-135M-Instruct, LoRA r=8, legal abstention data, 2 epochs = 60 steps of 8) with the real
 ``axolotl train`` CLI, in their own processes; the second adds the ``treft.monitor`` block the demo gives each
-run (``offtopic_abstention``, every 20 steps, the first 16 documents, 32 new tokens, batch 64). Figures: Trainer's ``train_runtime`` (it includes the monitor's
-evaluations, which run inside ``trainer.train()``), the monitor's own seconds from ``treft_monitor.jsonl``, and
-the end-to-end process time. ``--order off,on,off`` adds a second plain run for the noise floor.
+run (``offtopic_abstention``, every 20 steps, the first 16 documents, 32 new tokens, batch 64). Figures:
+Trainer's ``train_runtime`` (it includes the monitor's evaluations, which run inside ``trainer.train()``), the
+monitor's own seconds from ``treft_monitor.jsonl``, and the end-to-end process time. ``--order off,on,off`` adds a second plain run for the noise floor.
 
     python bench/bench_monitor.py                          # ~6 min on 2 CPU cores
     python bench/bench_monitor.py --limit 24 --order off,on,off   # another limit; a second plain run
@@ -70,9 +70,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
     # the block `axolotl-treft demo` gives each run (its task, decoding and batch size)
-    monitor, _ = monitor_block({}, Settings(tasks=(NARROW_SETTINGS["abstention"].task,), max_gen_toks=EVAL_MAX_GEN_TOKS,
-                                            eval_batch_size=str(args.batch_size), monitor_every=args.every,
-                                            monitor_limit=args.limit))
+    settings = Settings(tasks=(NARROW_SETTINGS["abstention"].task,), max_gen_toks=EVAL_MAX_GEN_TOKS,
+                        eval_batch_size=str(args.batch_size), monitor_every=args.every, monitor_limit=args.limit)
+    monitor, _ = monitor_block({}, settings)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_monitor_") as tmp:
         for i, kind in enumerate(args.order.split(",")):

@@ -83,9 +83,11 @@ def main() -> int:
     p.add_argument("--settings", default="refusal,abstention")
     p.add_argument("--lrs", default="1e-4,2e-4,3e-4")
     p.add_argument("--runs", default=RUNS)
-    p.add_argument("--sweeps", default=",".join(SWEEPS), help="comma list of study --sweep values ('' for none)")
+    p.add_argument("--sweeps", default=",".join(SWEEPS),
+                   help="comma list of study --sweep values ('' for none)")
     p.add_argument("--monitor-every", type=int, default=10)
-    p.add_argument("--monitor-limit", type=int, default=24, help="documents per monitored step (12 on-, 12 off-topic)")
+    p.add_argument("--monitor-limit", type=int, default=24,
+                   help="documents per monitored step (12 on-, 12 off-topic)")
     p.add_argument("--constant-one-epoch", action="store_true", help="num_epochs 1, constant lr, no warm-up")
     p.add_argument("--out", type=Path, default=Path("runs/leak-over-lr"))
     p.add_argument("--table-only", action="store_true")

@@ -87,8 +87,8 @@ def test_dry_run_writes_every_derived_config_and_the_exact_commands(paper_dry_ru
             assert changed_keys(cfg, derived) <= CHANGED_KEYS, (name, run)
             # every run trains with the study's monitor (the leak curves); the plain-SFT twin with it alone
             monitor = derived["treft"].pop("monitor")
-            assert monitor == {"tasks": [t for t in tasks.split(",") if t.startswith("offtopic")], "every": MONITOR_EVERY,
-                               "limit": MONITOR_LIMIT, "batch_size": 8}, (name, run)
+            assert monitor == {"tasks": [t for t in tasks.split(",") if t.startswith("offtopic")],
+                               "every": MONITOR_EVERY, "limit": MONITOR_LIMIT, "batch_size": 8}, (name, run)
             assert derived["treft"] == {} if run == "sft" else derived["treft"]
             assert "axolotl_treft.TReFTPlugin" in derived["plugins"]
         treft = yaml.safe_load((out / "treft" / "config.yml").read_text())["treft"]
