@@ -180,9 +180,12 @@ class EvalConfig(Block):
 
 
 class MonitorConfig(EvalConfig):
-    """``treft.monitor``: the tasks on the live model every ``every`` steps (and at step 0 and the last step)."""
+    """``treft.monitor``: the tasks on the live model every ``every`` steps (and at step 0 unless ``initial``
+    is false, and at the last step)."""
 
     every: int = Field(gt=0, description="optimizer steps between evaluations")
+    initial: bool = Field(True, description="evaluate the initial model at step 0 (a study evaluates it once, in "
+                          "its first run, and shares it: every run of a study starts from the same model)")
     bootstrap_iters: Literal[0] = Field(0, description="no stderr bootstrap while monitoring")
 
     _key = "treft.monitor"

@@ -199,7 +199,8 @@ def test_study_catalogue_ptst_is_evaluation_only_with_the_system_prompt(tmp_path
     derived = yaml.safe_load((out / "constrained_sft" / "config.yml").read_text())
     assert derived["treft"] == {"constrained_sft": {"betas": [0.5, 2.0, 2.0, 2.0, 2.0], "beta_rest": 0.1},
                                 "monitor": {"tasks": ["offtopic_abstention"], "every": MONITOR_EVERY,
-                                            "limit": MONITOR_LIMIT, "batch_size": 8}}
+                                            "limit": MONITOR_LIMIT, "batch_size": 8,
+                                            "initial": False}}  # sft, trained first, evaluates step 0 for both
     assert not (out / "ptst" / "config.yml").exists() or "monitor" not in yaml.safe_load(
         (out / "ptst" / "config.yml").read_text()).get("treft", {})  # evaluation only: nothing trains
     assert derive_config({"base_model": "m"}, runs["ptst"])[0] == {"base_model": "m"}  # no treft, SFT's config

@@ -169,9 +169,13 @@ def test_the_monitor_leaves_training_unchanged(tmp_path, tiny_llama_dir):
     plain = run_axolotl(tmp_path / "plain", tiny_llama_dir, seeded)
     monitored = run_axolotl(tmp_path / "monitored", tiny_llama_dir, {
         **seeded, "plugins": ["axolotl_treft.SeedPlugin", "axolotl_treft.TReFTPlugin"], "treft": {"monitor": MONITOR}})
-    assert plain.returncode == 0 and monitored.returncode == 0, monitored.log[-3000:]
-    assert len(read_rows(monitored.output_dir / MONITOR_FILE)) == 3
-    assert len(plain.series("loss")) == 4 and plain.series("loss") == monitored.series("loss")
+    later = run_axolotl(tmp_path / "later", tiny_llama_dir, {  # `initial: false`: no step 0 (a study's later runs)
+        **seeded, "plugins": ["axolotl_treft.SeedPlugin", "axolotl_treft.TReFTPlugin"],
+        "treft": {"monitor": {**MONITOR, "initial": False}}})
+    assert plain.returncode == 0 and monitored.returncode == 0 and later.returncode == 0, monitored.log[-3000:]
+    assert [r["step"] for r in read_rows(monitored.output_dir / MONITOR_FILE)] == [0, 2, 4]
+    assert [r["step"] for r in read_rows(later.output_dir / MONITOR_FILE)] == [2, 4]
+    assert len(plain.series("loss")) == 4 and plain.series("loss") == monitored.series("loss") == later.series("loss")
 
 
 @pytest.mark.slow

@@ -17,11 +17,12 @@ import pytest
 import yaml
 
 from axolotl_treft.cli.main import main as cli_main
+from axolotl_treft.monitor import MONITOR_FILE, read_rows
 from axolotl_treft.monitor.curves import OFF, ON
 from axolotl_treft.resources import example_path, resolved_example
 from axolotl_treft.study.command import MONITOR_EVERY, MONITOR_LIMIT
-from axolotl_treft.study.execute import Settings
-from axolotl_treft.study.leak import add_monitor, monitor_block
+from axolotl_treft.study.execute import Settings, plan_study, train_key
+from axolotl_treft.study.leak import add_monitor, monitor_block, share_initial_points
 from axolotl_treft.study.outputs import (
     add_stopped_early,
     curve_lines,
@@ -88,7 +89,8 @@ def test_dry_run_writes_every_derived_config_and_the_exact_commands(paper_dry_ru
             # every run trains with the study's monitor (the leak curves); the plain-SFT twin with it alone
             monitor = derived["treft"].pop("monitor")
             assert monitor == {"tasks": [t for t in tasks.split(",") if t.startswith("offtopic")],
-                               "every": MONITOR_EVERY, "limit": MONITOR_LIMIT, "batch_size": 8}, (name, run)
+                               "every": MONITOR_EVERY, "limit": MONITOR_LIMIT, "batch_size": 8,
+                               **({} if run == "sft" else {"initial": False})}, (name, run)  # step 0: once
             assert derived["treft"] == {} if run == "sft" else derived["treft"]
             assert "axolotl_treft.TReFTPlugin" in derived["plugins"]
         treft = yaml.safe_load((out / "treft" / "config.yml").read_text())["treft"]
@@ -197,6 +199,31 @@ def test_monitor_block_follows_the_off_topic_tasks_and_the_parallelism():
     assert kl["plugins"] == ["axolotl_treft.TReFTPlugin"] and kl["treft"]["kl"] == runs["kl"].treft["kl"] and "monitor" in kl["treft"]
 
 
+def test_step0_is_evaluated_in_the_first_run_and_shared(tmp_path):
+    """Every run of a study starts from the same model: the first trained run evaluates step 0, the others skip it
+    (keyed as if they did not, so a finished run is reused whichever run is first), and their curves share it."""
+    cfg = {"base_model": "m"}
+    settings = Settings(tasks=("offtopic_abstention",), max_gen_toks=16, eval_batch_size="8", monitor_every=5,
+                        monitor_limit=12, cwd=tmp_path)
+    runs = catalogue(cfg)
+    _, plans = plan_study(cfg, [runs[n] for n in ("sft", "kl", "ptst")], tmp_path / "out", settings, log=lambda _: None)
+    assert [p.config.get("treft", {}).get("monitor", {}).get("initial") for p in plans] == [None, False, None]
+    assert "monitor" not in (plans[2].config.get("treft") or {})  # ptst: evaluation only
+    _, alone = plan_study(cfg, [runs["kl"]], tmp_path / "out", settings, log=lambda _: None)
+    assert "initial" not in alone[0].config["treft"]["monitor"]
+    assert train_key(alone[0], settings) == train_key(plans[1], settings)
+
+    first = [{"step": 0, ON: 0.0, OFF: 0.1}, {"step": 5, ON: 1.0, OFF: 0.5}]
+    rows = {"base": {"label": "base"}, "sft": {"curves": {"offtopic_abstention": first}},
+            "kl": {"curves": {"offtopic_abstention": [{"step": 5, ON: 1.0, OFF: 0.25}]}}}
+    note = share_initial_points(rows)
+    assert rows["kl"]["curves"]["offtopic_abstention"] == [first[0], {"step": 5, ON: 1.0, OFF: 0.25}]
+    assert note == "step 0 (the initial model, the same for every run) evaluated once, in run sft, and shared by the others"
+    assert share_initial_points(rows) is None  # nothing left to share
+    lonely = {"kl": {"curves": {"offtopic_abstention": [{"step": 5, ON: 1.0, OFF: 0.25}]}}}
+    assert "no run evaluated step 0 of offtopic_abstention" in share_initial_points(lonely)
+
+
 def test_stopped_early_column_curve_text_and_plot(tmp_path):
     curve = [{"step": 0, ON: 0.0, OFF: 0.0}, {"step": 10, ON: 0.5, OFF: 0.25}, {"step": 20, ON: 1.0, OFF: 0.5},
              {"step": 30, ON: 1.0, OFF: 0.75}]
@@ -257,6 +284,12 @@ def test_real_study_through_torchrun(wheel_env, example_config_on_tiny_model, tm
     assert "treft/kv" in study["runs"]["treft_postfix_fixed"]["final_terms"]
     for name in ("sft", "treft_postfix_fixed"):  # the leak curves: step 0 and the last step (every 20)
         assert [p["step"] for p in study["runs"][name]["curves"]["offtopic_abstention"]] == [0, 2], name
+    # step 0 (the initial model) was evaluated in the first run only, and shared
+    steps = [r["step"] for r in read_rows(out / "treft_postfix_fixed" / "model" / MONITOR_FILE)]
+    assert [r["step"] for r in read_rows(out / "sft" / "model" / MONITOR_FILE)] == [0, 2] and steps == [2]
+    curves = {n: study["runs"][n]["curves"]["offtopic_abstention"] for n in ("sft", "treft_postfix_fixed")}
+    assert curves["sft"][0] == curves["treft_postfix_fixed"][0]
+    assert "evaluated once, in run sft" in study["meta"]["curves_note"] and "evaluated once, in run sft" in proc.stdout
     assert (out / "leak_curves.png").stat().st_size > 10_000
     # torchrun starts a process group (rank 0 of 1); the python launcher trains in the axolotl process itself
     assert "torch.distributed process group is initialized" in (out / "sft" / "train.log").read_text()

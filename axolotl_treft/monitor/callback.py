@@ -24,7 +24,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 class MonitorCallback:
-    """Evaluates ``treft.monitor.tasks`` at step 0, every ``every`` optimizer steps and at the last step.
+    """Evaluates ``treft.monitor.tasks`` at step 0 (unless ``initial`` is false), every ``every`` optimizer steps
+    and at the last step.
 
     Built by :func:`monitor_callback` (a ``transformers.TrainerCallback`` subclass, so this module imports
     without transformers). Resuming from a checkpoint at step N keeps the file's rows up to N (step N's row, if
@@ -42,7 +43,7 @@ class MonitorCallback:
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._resume(state.global_step)
         # A resumed run's step was monitored (or not due) before its checkpoint was saved: never evaluated twice.
-        self._maybe_evaluate(state, control, model, due=state.global_step == 0)
+        self._maybe_evaluate(state, control, model, due=state.global_step == 0 and self.block.initial)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step

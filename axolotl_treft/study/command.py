@@ -37,6 +37,7 @@ from .execute import (
     write_config,
 )
 from .keys import fingerprint, input_digests
+from .leak import share_initial_points
 from .outputs import (
     add_changes,
     add_learned,
@@ -138,6 +139,7 @@ def _study(cfg: Mapping, plans: Sequence[RunPlan], base_cmd: list[str], out: Pat
     diagnosis = diagnose_sft(plans[0], cfg, settings, log) if diagnose and plans[0].run.treft is None else None
     add_changes(rows)
     add_learned(rows)
+    curves_note = share_initial_points(rows)
     add_stopped_early(rows)
     meta = {
         "command": command, "date": dt.date.today().isoformat(), "versions": versions(), "tasks": list(settings.tasks),
@@ -146,11 +148,12 @@ def _study(cfg: Mapping, plans: Sequence[RunPlan], base_cmd: list[str], out: Pat
         "eval_note": ("greedy" + (f", max {settings.max_gen_toks} new tokens" if settings.max_gen_toks else "")
                       + (f", first {settings.limit} documents" if settings.limit else "")),
         "findings": findings(rows, diagnosis),
+        "curves_note": curves_note,
     }
     print("\n" + format_table(rows))
     for line in meta["findings"]:
         print(line)
-    if lines := curve_lines(rows):
+    if lines := curve_lines(rows, curves_note):
         print("\n" + "\n".join(lines))
     write_atomic(out / "study.json", json.dumps({"meta": meta, "runs": rows, "diagnosis": diagnosis}, indent=1,
                                                 default=str))

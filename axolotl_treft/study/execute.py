@@ -28,7 +28,7 @@ from ..monitor.callback import MONITOR_FILE
 from ..monitor.curves import read_curves
 from ..resources import pack_tasks, tasks_dir
 from .keys import eval_key, fingerprint, input_digests, trained_digest
-from .leak import add_monitor, monitor_block
+from .leak import add_monitor, keyed_config, monitor_block
 from .runner import UNFINISHED, Stopped, mark_unfinished, parse_metrics, run_streaming, write_atomic
 from .runs import StudyError, StudyRun, derive_config
 from .settings import Settings
@@ -121,12 +121,14 @@ def plan_study(cfg: Mapping, runs: Sequence[StudyRun], out: Path, settings: Sett
     trained: dict[str, Path] = {}
     monitor, note = monitor_block(cfg, settings)
     log(note)
+    first_monitored = True
     for run in runs:
         derived, notes = derive_config(cfg, run)
         for note in notes:
             log(note)
         if monitor and not run.eval_of:
-            derived = add_monitor(derived, monitor)
+            derived = add_monitor(derived, monitor, initial=first_monitored)
+            first_monitored = False
         run_dir = out / run.name
         overrides: dict[str, Any] = {"output_dir": str(run_dir / "model"),
                                      "dataset_prepared_path": str(run_dir / "prepared")}
@@ -189,7 +191,7 @@ def train_key(plan: RunPlan, settings: Settings) -> str:
     """Every input of the run: derived config, overrides, the local files and directories it names, and the
     key of its upstream run (the path of the upstream's model is keyed by that, not by its current files)."""
     skip = frozenset({str(plan.upstream.model_dir)}) if plan.upstream else frozenset()
-    return fingerprint({"config": plan.config, "overrides": plan.overrides,
+    return fingerprint({"config": keyed_config(plan.config), "overrides": plan.overrides,
                         "inputs": input_digests(plan.config, settings.cwd, skip),
                         "upstream": train_key(plan.upstream, settings) if plan.upstream else None})
 

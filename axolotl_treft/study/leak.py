@@ -32,11 +32,52 @@ def monitor_block(cfg: Mapping, settings: Settings) -> tuple[dict | None, str]:
     return block, f"leak curves: every run trains with treft.monitor on {', '.join(tasks)} ({shown})"
 
 
-def add_monitor(derived: dict, monitor: Mapping[str, Any]) -> dict:
+def add_monitor(derived: dict, monitor: Mapping[str, Any], initial: bool = True) -> dict:
     """``derived`` with the study's ``treft.monitor`` block (the leak-over-steps curve of the run), and the plugin
-    listed if it is not (the plain-SFT twin then carries the monitor alone: it trains exactly as without it)."""
+    listed if it is not (the plain-SFT twin then carries the monitor alone: it trains exactly as without it).
+
+    Every run of a study starts from the same model (runs differ in their ``treft:`` blocks only), so step 0 is
+    evaluated in the first trained run alone (``initial``) and shared by :func:`share_initial_points`."""
     plugins = list(derived.get("plugins") or [])
     if not any(p in TREFT_PLUGIN_PATHS for p in plugins):
         derived["plugins"] = [*plugins, TREFT_PLUGIN]
-    derived["treft"] = {**(derived.get("treft") or {}), "monitor": dict(monitor)}
+    derived["treft"] = {**(derived.get("treft") or {}), "monitor": {**monitor, **({} if initial else {"initial": False})}}
     return derived
+
+
+def keyed_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config`` as a run's training key sees it: without ``treft.monitor.initial``, which only says whether this
+    run or another evaluates the shared step 0 (a finished run is reused whichever run that is now)."""
+    monitor = (config.get("treft") or {}).get("monitor")
+    if not isinstance(monitor, Mapping) or "initial" not in monitor:
+        return config
+    rest = {k: v for k, v in monitor.items() if k != "initial"}
+    return {**config, "treft": {**config["treft"], "monitor": rest}}
+
+
+def share_initial_points(rows: Mapping[str, dict[str, Any]]) -> str | None:
+    """Give every run's curve the step-0 point (the initial model) of the first run that evaluated it, in place;
+    a note saying which run that was (None when no curve lacked it)."""
+    initial: dict[str, tuple[str, dict]] = {}  # task -> (run, step-0 point)
+    for name, row in rows.items():
+        for task, curve in (row.get("curves") or {}).items():
+            if curve and curve[0]["step"] == 0:
+                initial.setdefault(task, (name, curve[0]))
+    shared, missing = set(), set()
+    for row in rows.values():
+        for task, curve in (row.get("curves") or {}).items():
+            if curve and curve[0]["step"] == 0:
+                continue
+            if task in initial:
+                curve.insert(0, dict(initial[task][1]))
+                shared.add(initial[task][0])
+            else:
+                missing.add(task)
+    notes = []
+    if shared:
+        notes.append(f"step 0 (the initial model, the same for every run) evaluated once, in run "
+                     f"{', '.join(sorted(shared))}, and shared by the others")
+    if missing:
+        notes.append(f"no run evaluated step 0 of {', '.join(sorted(missing))} (its run was reused from an earlier "
+                     "study); the curves start at the first monitored step")
+    return "; ".join(notes) or None

@@ -56,8 +56,9 @@ def columns(rows: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]
     return cols + STUDY_EXTRA
 
 
-def curve_lines(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The leak curves as text: per task, each run's off-topic rate (on-topic in brackets) at every monitored step."""
+def curve_lines(rows: Mapping[str, Mapping[str, Any]], note: str | None = None) -> list[str]:
+    """The leak curves as text: per task, each run's off-topic rate (on-topic in brackets) at every monitored step;
+    ``note`` (where step 0 came from) last."""
     tasks = sorted({task for row in rows.values() for task in row.get("curves") or {}})
     lines = []
     for task in tasks:
@@ -66,7 +67,7 @@ def curve_lines(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
             if curve := (row.get("curves") or {}).get(task):
                 points = "  ".join(f"{p['step']}: {_pct(p[OFF])} ({_pct(p[ON])})" for p in curve)
                 lines.append(f"  {row['label']}: {points}")
-    return lines
+    return lines + ([f"({note})"] if lines and note else [])
 
 
 def _pct(value: float | None) -> str:
@@ -95,7 +96,7 @@ def markdown(rows: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> 
              f"{meta['eval_note']}; axolotl-treft {v['axolotl-treft']}, axolotl {v['axolotl']}, transformers "
              f"{v['transformers']}, peft {v['peft']}, torch {v['torch']}, lm_eval {v['lm_eval']})."]
     lines += [f"\n{line}" for line in meta.get("findings", [])]
-    if curves := curve_lines(rows):
+    if curves := curve_lines(rows, meta.get("curves_note")):
         lines += ["", "```", *curves, "```", "", "![leak over steps](leak_curves.png)"]
     return "\n".join(lines)
 
