@@ -16,9 +16,11 @@ end-to-end process time; then the demo's cost, one ``on`` and N-1 ``shared`` run
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -56,8 +58,14 @@ def config(workdir: Path, name: str, monitor: dict) -> dict:
 
 def run(workdir: Path, name: str, monitor: dict) -> dict:
     cfg = config(workdir, name, monitor)
+    logged: list[float] = []  # when each step's loss line arrived
+
+    def stamp(line: str) -> None:
+        if "'loss'" in line:
+            logged.append(time.perf_counter())
+
     start = time.perf_counter()
-    result = run_axolotl_train(cfg, workdir / name,
+    result = run_axolotl_train(cfg, workdir / name, on_line=stamp,
                                env={"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     wall = time.perf_counter() - start
     runtime = _RUNTIME.findall(result.log)
@@ -65,9 +73,12 @@ def run(workdir: Path, name: str, monitor: dict) -> dict:
         raise RuntimeError(f"{name} failed:\n{result.log[-3000:]}")
     rows = read_rows(result.output_dir / MONITOR_FILE)
     evals = {r["step"]: r["seconds"] for r in rows}  # one row per task; seconds are per evaluation
+    # step s's loss line follows its evaluation: the steps whose interval holds none are plain training
+    plain = [b - a for step, (a, b) in enumerate(itertools.pairwise(logged), 2) if step not in evals]
     return {"name": name, "train_runtime": float(runtime[-1]), "process_wall": round(wall, 1),
             "steps": len(result.steps), "monitor_evals": dict(sorted(evals.items())),
-            "monitor_seconds": round(sum(evals.values()), 1)}
+            "monitor_seconds": round(sum(evals.values()), 1),
+            "median_step_s": round(statistics.median(plain), 2) if plain else None}
 
 
 def mean(values: list[float]) -> float:
@@ -97,10 +108,12 @@ def main() -> int:
     by_kind = {k: [r for r in rows if r["name"].rstrip("0123456789") == k] for k in ("off", "on", "shared")}
     base = mean([r["train_runtime"] for r in by_kind["off"]])
     print(f"\nmonitor: {monitor}")
-    print(f"{'run':8} {'train_runtime s':>16} {'vs off':>8} {'monitor s':>10} {'monitor/off':>12}  seconds by step")
+    print(f"{'run':8} {'train_runtime s':>16} {'vs off':>8} {'monitor s':>10} {'monitor/off':>12} {'step s':>7}  "
+          "seconds by step")
     for r in rows:
         print(f"{r['name']:8} {r['train_runtime']:16.1f} {r['train_runtime'] / base - 1:+8.1%} "
-              f"{r['monitor_seconds']:10.1f} {r['monitor_seconds'] / base:12.1%}  {r['monitor_evals']}")
+              f"{r['monitor_seconds']:10.1f} {r['monitor_seconds'] / base:12.1%} {r['median_step_s']:7.2f}  "
+              f"{r['monitor_evals']}")
     if by_kind["on"] and by_kind["shared"]:
         n = args.runs
         runtime = {k: mean([r["train_runtime"] for r in by_kind[k]]) for k in ("on", "shared")}
