@@ -45,19 +45,21 @@ from axolotl_treft.study.settings import Settings  # noqa: E402
 _RUNTIME = re.compile(r"'train_runtime': '?([0-9.]+)")
 
 
-def config(workdir: Path, name: str, monitor: dict) -> dict:
+KINDS = ("off", "on", "shared")
+
+
+def config(workdir: Path, name: str, kind: str, monitor: dict) -> dict:
     cfg = example_config(materialize_smollm2(), NARROW_SETTINGS["abstention"])
     cfg.pop("treft")
     cfg["plugins"] = [p for p in cfg["plugins"] if not p.endswith("TReFTPlugin")]
-    kind = name.rstrip("0123456789")
     if kind != "off":  # the study's own block, as its first run (on) or its later runs (shared) get it
         cfg = add_monitor(cfg, monitor, initial=kind == "on")
     cfg.update({"dataset_prepared_path": str(workdir / "prepared"), "output_dir": str(workdir / name / "out")})
     return cfg
 
 
-def run(workdir: Path, name: str, monitor: dict) -> dict:
-    cfg = config(workdir, name, monitor)
+def run(workdir: Path, name: str, kind: str, monitor: dict) -> dict:
+    cfg = config(workdir, name, kind, monitor)
     logged: list[float] = []  # when each step's loss line arrived
 
     def stamp(line: str) -> None:
@@ -75,7 +77,7 @@ def run(workdir: Path, name: str, monitor: dict) -> dict:
     evals = {r["step"]: r["seconds"] for r in rows}  # one row per task; seconds are per evaluation
     # step s's loss line follows its evaluation: the steps whose interval holds none are plain training
     plain = [b - a for step, (a, b) in enumerate(itertools.pairwise(logged), 2) if step not in evals]
-    return {"name": name, "train_runtime": float(runtime[-1]), "process_wall": round(wall, 1),
+    return {"name": name, "kind": kind, "train_runtime": float(runtime[-1]), "process_wall": round(wall, 1),
             "steps": len(result.steps), "monitor_evals": dict(sorted(evals.items())),
             "monitor_seconds": round(sum(evals.values()), 1),
             "median_step_s": round(statistics.median(plain), 2) if plain else None}
@@ -94,18 +96,21 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=len(DEFAULT_RUNS), help="trained runs of the demo (for its cost)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
+    order = args.order.split(",")
+    if unknown := [k for k in order if k not in KINDS]:
+        ap.error(f"--order: {', '.join(unknown)}: each run is one of {', '.join(KINDS)}")
+    if "off" not in order:
+        ap.error("--order: at least one off run (the plain baseline the others are compared with)")
     # the block `axolotl-treft demo` gives each run (its task, decoding and batch size)
     settings = Settings(tasks=(NARROW_SETTINGS["abstention"].task,), max_gen_toks=EVAL_MAX_GEN_TOKS,
                         eval_batch_size=str(args.batch_size), monitor_every=args.every, monitor_limit=args.limit)
     monitor, _ = monitor_block({}, settings)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_monitor_") as tmp:
-        for i, kind in enumerate(args.order.split(",")):
-            if kind not in ("off", "on", "shared"):
-                raise SystemExit(f"--order: {kind!r} is not off, on or shared")
-            rows.append(run(Path(tmp), f"{kind}{i}", monitor))
+        for i, kind in enumerate(order):
+            rows.append(run(Path(tmp), f"{kind}{i}", kind, monitor))
             print(json.dumps(rows[-1]), flush=True)
-    by_kind = {k: [r for r in rows if r["name"].rstrip("0123456789") == k] for k in ("off", "on", "shared")}
+    by_kind = {k: [r for r in rows if r["kind"] == k] for k in KINDS}
     base = mean([r["train_runtime"] for r in by_kind["off"]])
     print(f"\nmonitor: {monitor}")
     print(f"{'run':8} {'train_runtime s':>16} {'vs off':>8} {'monitor s':>10} {'monitor/off':>12} {'step s':>7}  "

@@ -66,8 +66,8 @@ from .validate import validate_plans
 
 DEFAULT_TASKS = ("offtopic",)
 MONITOR_EVERY = 20  # steps between the leak curve's points (and step 0, the last step)
-# documents per task at each point (on- and off-topic interleave: 8 + 8); the monitor's own time is then ~10 % of
-# the demo's training time (docs/benchmarks.md, "Monitor cost")
+# documents per task at each point (on- and off-topic interleave: 8 + 8); with step 0 evaluated once per study, the
+# monitor adds ~8 % to the demo's training time (docs/benchmarks.md, "Monitor cost")
 MONITOR_LIMIT = 16
 CPU_EVAL_BATCH_SIZE = 8  # lm-eval's `auto` search has no memory limit to hit on the CPU
 INTERNAL_FIGURES = ("fingerprint", "model_digest", "upstream")  # in train.json, not in the study's table

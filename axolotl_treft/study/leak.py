@@ -41,7 +41,10 @@ def add_monitor(derived: dict, monitor: Mapping[str, Any], initial: bool = True)
     plugins = list(derived.get("plugins") or [])
     if not any(p in TREFT_PLUGIN_PATHS for p in plugins):
         derived["plugins"] = [*plugins, TREFT_PLUGIN]
-    derived["treft"] = {**(derived.get("treft") or {}), "monitor": {**monitor, **({} if initial else {"initial": False})}}
+    block = dict(monitor)
+    if not initial:
+        block["initial"] = False
+    derived["treft"] = {**(derived.get("treft") or {}), "monitor": block}
     return derived
 
 
